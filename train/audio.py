@@ -1,0 +1,115 @@
+"""Audio constants (with units) and audio loading. Torch-free: serve/ and clients/ import it.
+
+Every number that describes the encoder's time geometry is defined here once; the rest of
+the project (model, streaming export, service) derives from these.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # Hz; the only rate the encoder accepts
+
+# The five convolutions of the encoder: (kernel, stride, padding), each in frames of its own input.
+CONV_LAYERS: tuple[tuple[int, int, int], ...] = (
+    (10, 5, 2),
+    (8, 4, 2),
+    (4, 2, 2),
+    (4, 2, 2),
+    (4, 2, 1),
+)
+
+# How the conv layers are grouped into greedily trained modules, named by their output level.
+GREEDY_MODULES: tuple[tuple[str, tuple[int, ...]], ...] = (("m1", (0, 1)), ("m2", (2, 3)), ("m3", (4,)))
+END_TO_END_MODULES: tuple[tuple[str, tuple[int, ...]], ...] = (("m3", (0, 1, 2, 3, 4)),)
+
+CROP_SAMPLES = 10_240  # samples per training clip (640 ms), as in the paper
+
+
+def _layer_strides() -> list[int]:
+    """Input-sample stride of each layer's input frames (1 for the first layer)."""
+    strides, s = [], 1
+    for _, stride, _ in CONV_LAYERS:
+        strides.append(s)
+        s *= stride
+    return strides
+
+
+HOP = math.prod(s for _, s, _ in CONV_LAYERS)  # samples per top-level frame: 160 (10 ms)
+RECEPTIVE_FIELD = 1 + sum((k - 1) * j for (k, _, _), j in zip(CONV_LAYERS, _layer_strides()))  # 465 samples
+LEFT_REACH = sum(p * j for (_, _, p), j in zip(CONV_LAYERS, _layer_strides()))  # 212: frame f starts at HOP*f - 212
+LOOKAHEAD = RECEPTIVE_FIELD - LEFT_REACH - HOP  # 93 samples beyond a frame's own hop
+
+FRAME_MS = 1000 * HOP / SAMPLE_RATE  # 10.0 ms
+
+
+def level_hops() -> dict[str, int]:
+    """Samples per frame at each output level (m1: 20, m2: 80, m3 and ar: 160)."""
+    hops, s = {}, 1
+    for i, (_, stride, _) in enumerate(CONV_LAYERS):
+        s *= stride
+        for name, layers in GREEDY_MODULES:
+            if layers[-1] == i:
+                hops[name] = s
+    hops["ar"] = HOP
+    return hops
+
+
+def conv_out_len(n: int, kernel: int, stride: int, padding: int) -> int:
+    """Frames a Conv1d emits for n input frames (floor, as torch does); 0 when it emits none."""
+    return max(0, (n + 2 * padding - kernel) // stride + 1)
+
+
+def frames_per_layer(n_samples: int) -> list[int]:
+    """Offline frame count after each conv layer for a waveform of n_samples."""
+    counts, n = [], n_samples
+    for k, s, p in CONV_LAYERS:
+        n = conv_out_len(n, k, s, p)
+        counts.append(n)
+    return counts
+
+
+def level_frames(n_samples: int) -> dict[str, int]:
+    """Offline frame count of each level (m1, m2, m3, ar) for a waveform of n_samples."""
+    counts = frames_per_layer(n_samples)
+    out = {name: counts[layers[-1]] for name, layers in GREEDY_MODULES}
+    out["ar"] = out["m3"]
+    return out
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be used as it is; the message names the file and the problem."""
+
+
+def load_audio(path: str | Path, *, allow_resample: bool = False, mixdown: bool = False) -> np.ndarray:
+    """Read a file into float32 mono samples at SAMPLE_RATE.
+
+    By default a file at another rate or with several channels is an error (training data
+    must be what the model expects); clients pass allow_resample/mixdown to convert.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises several types; all mean "cannot read"
+        raise AudioError(f"{path}: cannot read audio ({exc})") from None
+    if audio.shape[1] != 1:
+        if not mixdown:
+            raise AudioError(f"{path}: has {audio.shape[1]} channels; mono is required")
+        audio = audio.mean(axis=1, keepdims=True)
+    audio = audio[:, 0]
+    if rate != SAMPLE_RATE:
+        if not allow_resample:
+            raise AudioError(f"{path}: sample rate is {rate} Hz; {SAMPLE_RATE} Hz is required")
+        import soxr
+
+        audio = soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+    if not np.all(np.isfinite(audio)):
+        raise AudioError(f"{path}: contains NaN or infinite samples")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+assert HOP == 160 and RECEPTIVE_FIELD == 465 and LEFT_REACH == 212 and LOOKAHEAD == 93

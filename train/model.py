@@ -1,0 +1,145 @@
+"""The encoder: Smooth InfoMax (SIM), Greedy InfoMax (GIM) and CPC share this one definition.
+
+SIM / GIM: three conv modules (m1, m2, m3), each ending in 1x1 heads for the posterior mean
+and (SIM only) log-variance, plus a GRU (ar). Each module sees the previous module's output
+with gradients cut, so each is trained by its own loss only.
+CPC: one conv module holding all five convs, then the GRU, trained end to end.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from train.audio import CONV_LAYERS, END_TO_END_MODULES, GREEDY_MODULES
+
+METHODS = ("sim", "gim", "cpc")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    method: str = "sim"
+    channels: int = 512  # conv and latent width
+    hidden: int = 256  # GRU width
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+    @property
+    def variational(self) -> bool:
+        """Whether the conv modules have a trained posterior variance."""
+        return self.method == "sim"
+
+    @property
+    def greedy(self) -> bool:
+        return self.method != "cpc"
+
+    @property
+    def modules(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return GREEDY_MODULES if self.greedy else END_TO_END_MODULES
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """Output levels in order, conv modules then the GRU."""
+        return tuple(name for name, _ in self.modules) + ("ar",)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConvModule(nn.Module):
+    """Conv -> ReLU layers, then heads for the posterior mean and (optionally) log-variance."""
+
+    def __init__(self, in_channels: int, layer_ids: tuple[int, ...], channels: int, variational: bool):
+        super().__init__()
+        self.layer_ids = layer_ids
+        convs = []
+        for i in layer_ids:
+            k, s, p = CONV_LAYERS[i]
+            convs.append(nn.Conv1d(in_channels, channels, k, s, p))
+            in_channels = channels
+        self.convs = nn.ModuleList(convs)
+        self.mu = nn.Conv1d(channels, channels, 1)
+        self.logvar = nn.Conv1d(channels, channels, 1) if variational else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, C_in, T) -> mean and log-variance, each (B, C, T'); log-variance None for GIM/CPC."""
+        h = self.features(x)
+        return self.mu(h), (self.logvar(h) if self.logvar is not None else None)
+
+
+@dataclass
+class LevelOutput:
+    """One level's output for a batch, channels-last: (B, T, C)."""
+
+    mu: torch.Tensor
+    logvar: torch.Tensor | None = None
+    z: torch.Tensor | None = None  # sample fed to the next module (training) or mu (inference)
+    context: torch.Tensor | None = None  # second sample used as InfoNCE context (SIM training)
+
+
+class Encoder(nn.Module):
+    def __init__(self, dims: ModelDims = ModelDims()):
+        super().__init__()
+        self.dims = dims
+        in_ch = 1
+        mods = {}
+        for name, layer_ids in dims.modules:
+            mods[name] = ConvModule(in_ch, layer_ids, dims.channels, dims.variational)
+            in_ch = dims.channels
+        self.convs = nn.ModuleDict(mods)
+        self.gru = nn.GRU(dims.channels, dims.hidden, batch_first=True)
+
+    def forward(self, audio: torch.Tensor, sample: bool = False) -> dict[str, LevelOutput]:
+        """audio: (B, T) or (B, 1, T) float waveform at 16 kHz.
+
+        sample=False: deterministic (posterior means), the inference path.
+        sample=True: SIM's training path; each module's output is a reparametrised sample and
+        a second independent sample is drawn as InfoNCE context. GIM/CPC ignore it.
+        Greedy methods cut gradients between modules.
+        """
+        x = audio.unsqueeze(1) if audio.dim() == 2 else audio
+        out: dict[str, LevelOutput] = {}
+        for name, module in self.convs.items():
+            mu, logvar = module(x)
+            if sample and logvar is not None:
+                std = torch.exp(0.5 * logvar)
+                z = mu + torch.randn_like(std) * std
+                ctx = mu + torch.randn_like(std) * std
+            else:
+                z = ctx = mu
+            out[name] = LevelOutput(
+                mu=mu.transpose(1, 2),
+                logvar=None if logvar is None else logvar.transpose(1, 2),
+                z=z.transpose(1, 2),
+                context=ctx.transpose(1, 2),
+            )
+            x = z.detach() if self.dims.greedy else z
+        gru_in = out[next(reversed(out))].z
+        if self.dims.greedy:
+            gru_in = gru_in.detach()
+        c, _ = self.gru(gru_in)
+        out["ar"] = LevelOutput(mu=c, z=c, context=c)
+        return out
+
+    @torch.no_grad()
+    def encode(self, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Deterministic latents (B, T, C) per level, plus per-frame KL to N(0, I) for SIM levels."""
+        out = self.forward(audio, sample=False)
+        res = {name: o.mu for name, o in out.items()}
+        for name, o in out.items():
+            if o.logvar is not None:
+                res[f"kl_{name}"] = kl_to_standard_normal(o.mu, o.logvar)
+        return res
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-frame KL(N(mu, exp(logvar)) || N(0, I)) in nats, summed over the last (channel) axis."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
