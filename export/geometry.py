@@ -1,0 +1,85 @@
+"""Streaming geometry derived from train.audio.CONV_LAYERS. Torch-free (the runtime and serve use it).
+
+A fixed-shape streaming step consumes one hop (HOP = 160 samples) per stream and keeps, per conv
+layer, a cache of the not-yet-consumed tail of that layer's input. docs/streaming.md explains why
+these sizes reproduce the offline model's zero padding exactly.
+"""
+from __future__ import annotations
+
+from train.audio import CONV_LAYERS, END_TO_END_MODULES, GREEDY_MODULES, HOP
+
+STEP_SAMPLES = HOP  # samples per stream consumed by one streaming step
+
+
+def cache_sizes() -> tuple[int, ...]:
+    """Frames of input cached per layer: stride + padding, minus the phantom frame after layer 0.
+
+    Layer 0's input is the waveform itself (offset 0); every later layer's input stream starts
+    with one phantom frame (offset 1), which stands in for that layer's last left-padding zero.
+    """
+    return tuple(s + p - (0 if i == 0 else 1) for i, (_, s, p) in enumerate(CONV_LAYERS))
+
+
+def step_outputs() -> tuple[int, ...]:
+    """Outputs of each conv layer per streaming step (32, 8, 4, 2, 1)."""
+    out, n = [], STEP_SAMPLES
+    for (k, s, _), c in zip(CONV_LAYERS, cache_sizes()):
+        o = (c + n - k) // s + 1
+        if o * s != n:  # the cache would not stay the same size from step to step
+            raise AssertionError(f"layer geometry does not give a fixed-shape step (k={k}, s={s})")
+        out.append(o)
+        n = o
+    return tuple(out)
+
+
+def flush_outputs() -> tuple[int, ...]:
+    """Largest number of outputs of each conv layer at end of stream (32, 8, 5, 4, 2).
+
+    The flush buffer of layer i is its cache, the previous layer's fixed-size flush output and
+    the layer's right padding (p zeros)."""
+    out, n = [], STEP_SAMPLES
+    for (k, s, p), c in zip(CONV_LAYERS, cache_sizes()):
+        o = (c + n + p - k) // s + 1
+        out.append(o)
+        n = o
+    return tuple(out)
+
+
+def module_layers(method: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Conv modules (level name, layer ids) of a method: greedy (sim, gim) or end to end (cpc)."""
+    return END_TO_END_MODULES if method == "cpc" else GREEDY_MODULES
+
+
+def level_layer(method: str) -> dict[str, int]:
+    """The conv layer whose output each conv level is (ar follows m3)."""
+    return {name: layers[-1] for name, layers in module_layers(method)}
+
+
+def levels(method: str) -> tuple[str, ...]:
+    return tuple(name for name, _ in module_layers(method)) + ("ar",)
+
+
+def state_spec(channels: int, hidden: int) -> list[dict]:
+    """Streaming state tensors, shapes without the batch axis. Zero is the initial value of each."""
+    spec = []
+    for i, c in enumerate(cache_sizes()):
+        spec.append({"name": f"cache_{i}", "shape": [1 if i == 0 else channels, c], "dtype": "float32"})
+    spec.append({"name": "gru_h", "shape": [hidden], "dtype": "float32"})
+    spec.append({"name": "started", "shape": [1], "dtype": "float32"})
+    return spec
+
+
+def level_frames_per_graph(method: str) -> dict[str, dict[str, int]]:
+    """Frames each graph emits per call and level: {"step": {level: n}, "flush": {level: n}}."""
+    lay = level_layer(method)
+    res = {}
+    for graph, counts in (("step", step_outputs()), ("flush", flush_outputs())):
+        per = {name: counts[i] for name, i in lay.items()}
+        per["ar"] = per["m3"]
+        res[graph] = per
+    return res
+
+
+assert cache_sizes() == (7, 5, 3, 3, 2)
+assert step_outputs() == (32, 8, 4, 2, 1)
+assert flush_outputs() == (32, 8, 5, 4, 2)

@@ -1,0 +1,281 @@
+"""Export a trained encoder to ONNX with a verified manifest: `python -m export.onnx CHECKPOINT --out DIR`.
+
+Writes m1/m2/m3/ar.onnx (per module), encoder.onnx (all levels with OOD scores), step.onnx and
+flush.onnx (streaming, explicit state), decoder_<level>.onnx (with --decoders) and manifest.json
+(hashes, geometry, OOD calibration). Then verifies every graph against torch and the streaming
+graphs against the offline model; on a mismatch it prints the numbers, renames the manifest to
+manifest.json.failed (the directory is then not loadable) and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from export import calibration
+from export.geometry import cache_sizes, level_frames_per_graph, state_spec
+from export.graphs import OPSET, ArGraph, DecoderGraph, EncoderGraph, ModuleGraph, write_onnx
+from export.manifest import FORMAT, MANIFEST, sha256_file, write_manifest
+from export.offline import offline_levels
+from export.runtime import StreamingModel, providers
+from export.streaming import StreamingFlush, StreamingStep, level_dims_of
+from export.verify import (CHUNK_PLANS, Report, VerificationError, audio_cases, random_mix_plans,
+                           verify_decoder_graphs, verify_offline_graphs, verify_step_graphs, verify_streaming)
+from train.audio import (HOP, LEFT_REACH, LOOKAHEAD, RECEPTIVE_FIELD, SAMPLE_RATE, AudioError, level_hops,
+                         load_audio)
+from train.checkpoint import CheckpointError, code_version, load_encoder
+from train.model import Encoder
+
+# Extra random utterance lengths streamed in verification: shorter than the first frame's 253
+# samples, around it, and the 5000 / 5003 pair whose frame counts differ (31 / 32).
+VERIFY_LENGTHS = (1, 5, 100, 252, 253, 413, 5000, 5003)
+
+
+class ExportError(RuntimeError):
+    """A user error (bad input, missing files); printed as `error: ...`, exit status 2."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def geometry(dims) -> dict:
+    return {"sample_rate": SAMPLE_RATE, "hop": HOP, "receptive_field": RECEPTIVE_FIELD, "left_reach": LEFT_REACH,
+            "lookahead": LOOKAHEAD, "level_hops": {k: v for k, v in level_hops().items() if k in dims.levels},
+            "step_samples": HOP, "cache_sizes": list(cache_sizes()),
+            "frames_per_call": level_frames_per_graph(dims.method),
+            "state": state_spec(dims.channels, dims.hidden)}
+
+
+def load_reference_audio(corpus_dir: str | None, n_clips: int, seed: int) -> list[np.ndarray]:
+    """n_clips utterances of the corpus's held-out "test" split (words the encoder never trained on)."""
+    from train.corpus import CorpusError, ensure_corpus, load_corpus
+
+    try:
+        if corpus_dir is None:
+            root = ensure_corpus(None, progress=True)
+        else:
+            root = Path(corpus_dir)
+            if not root.is_dir():
+                raise ExportError(f"{root}: no such corpus directory (build one with python -m train.corpus --out DIR)")
+        utts = load_corpus(root, "test")
+    except CorpusError as exc:
+        raise ExportError(str(exc)) from None
+    if len(utts) < 2:
+        raise ExportError(f"{root}: the test split has {len(utts)} utterances; calibration needs at least 2")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(utts), size=min(n_clips, len(utts)), replace=False))
+    audio = []
+    for i in tqdm(chosen, desc="reading reference audio", unit="clip", file=sys.stderr, leave=False):
+        try:
+            audio.append(load_audio(utts[i].path))
+        except AudioError as exc:
+            raise ExportError(str(exc)) from None
+    return audio
+
+
+def load_decoders(directory: str, encoder: Encoder) -> dict[str, torch.nn.Module]:
+    """decoder_<level>.pt for the encoder's conv levels, via train.decoder.load_decoder."""
+    from train.decoder import load_decoder
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ExportError(f"{d}: no such decoder directory")
+    found = {}
+    for level in encoder.dims.levels:
+        path = d / f"decoder_{level}.pt"
+        if level == "ar" or not path.is_file():
+            continue
+        try:
+            decoder, meta = load_decoder(path)
+        except CheckpointError as exc:
+            raise ExportError(str(exc)) from None
+        if meta.get("level") != level:
+            raise ExportError(f"{path}: holds a decoder for level {meta.get('level')!r}, not {level!r}")
+        dims = meta.get("dims") or {}
+        if dims.get("channels", encoder.dims.channels) != encoder.dims.channels:
+            raise ExportError(f"{path}: decodes {dims.get('channels')}-channel latents; the encoder has "
+                              f"{encoder.dims.channels}")
+        if dims.get("method", encoder.dims.method) != encoder.dims.method:
+            log(f"warning: {path} was trained on a {dims.get('method')} encoder's latents, exporting it "
+                f"with a {encoder.dims.method} encoder")
+        found[level] = decoder.eval()
+    if not found:
+        raise ExportError(f"{d}: no decoder_<level>.pt for levels {', '.join(encoder.dims.levels[:-1])}")
+    return found
+
+
+def export_graphs(out: Path, encoder: Encoder, gaussians: dict, decoders: dict, meta_common: dict,
+                  geo: dict) -> dict[str, dict]:
+    """Write every graph; returns the manifest's files entry (without hashes yet)."""
+    files = {}
+    example_audio = torch.randn(2, 4321) * 0.1
+    jobs = []
+    x = example_audio
+    for level in encoder.convs:
+        graph = ModuleGraph(encoder, level)
+        jobs.append((f"{level}.onnx", "module", graph, (x,), {"level": level}))
+        with torch.no_grad():
+            out_mu = graph(x)
+        x = out_mu[0] if isinstance(out_mu, tuple) else out_mu
+    jobs.append(("ar.onnx", "module", ArGraph(encoder), (x,), {"level": "ar"}))
+    jobs.append(("encoder.onnx", "encoder", EncoderGraph(encoder, gaussians), (example_audio,), {}))
+    stream_meta = {"state": geo["state"], "frames_per_call": geo["frames_per_call"]}
+    step, flush = StreamingStep(encoder, gaussians), StreamingFlush(encoder, gaussians)
+    state = tuple(step.initial_state(2))
+    jobs.append(("step.onnx", "step", step, (torch.randn(2, HOP),) + state, stream_meta))
+    jobs.append(("flush.onnx", "flush", flush, (torch.randn(2, HOP), torch.tensor([7, 100])) + state, stream_meta))
+    for level, decoder in decoders.items():
+        z = torch.randn(2, 9, encoder.dims.channels)
+        jobs.append((f"decoder_{level}.onnx", "decoder", DecoderGraph(decoder), (z,), {"level": level}))
+    for name, role, graph, example, extra in tqdm(jobs, desc="exporting graphs", unit="graph", file=sys.stderr):
+        if role in ("step", "flush"):
+            axes = {n: {0: "batch"} for n in graph.input_names() + graph.output_names()}
+        else:
+            axes = graph.dynamic_axes()
+        write_onnx(graph.eval(), example, out / name, graph.input_names(), graph.output_names(), axes,
+                   {**meta_common, "role": role, **extra})
+        files[name] = {"role": role}
+    return files
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    try:
+        encoder, ckpt = load_encoder(args.checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    dims = encoder.dims
+    decoders = load_decoders(args.decoders, encoder) if args.decoders else {}
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    log(f"exporting {args.checkpoint} ({dims.method}, {dims.channels} channels, GRU {dims.hidden}) to {out}")
+    reference = load_reference_audio(args.corpus, args.calibration_clips, args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / MANIFEST, out / (MANIFEST + ".failed")):
+        if stale.exists():
+            stale.unlink()  # the directory is not a valid model until this export has verified
+
+    # 1. calibration on held-out corpus audio
+    per_clip = [offline_levels(encoder, a) for a in tqdm(reference, desc="encoding reference audio",
+                                                          unit="clip", file=sys.stderr)]
+    gaussians, calib = calibration.calibrate(per_clip, dims.levels, dims.variational, args.fpr, seed=args.seed)
+    for level, c in calib["levels"].items():
+        log(f"  calibration {level}: score {c['score']}, {c['n_ref']} reference frames, "
+            f"threshold at fpr {args.fpr:g} = {c['threshold']:.4g}")
+
+    # 2. graphs
+    geo = geometry(dims)
+    meta_common = {"format": FORMAT, "method": dims.method, "levels": list(dims.levels),
+                   "level_dims": level_dims_of(encoder), **{k: v for k, v in geo.items() if k != "state"}}
+    files = export_graphs(out, encoder, gaussians, decoders, meta_common, geo)
+    for name in files:
+        files[name]["sha256"] = sha256_file(out / name)
+
+    config = dict(ckpt.get("config") or {})
+    manifest = {
+        "format": FORMAT, "method": dims.method, "beta": config.get("beta"), "variational": dims.variational,
+        "dims": dims.to_dict(), "config": config, "checkpoint": str(Path(args.checkpoint).resolve()),
+        "checkpoint_sha256": sha256_file(args.checkpoint), "checkpoint_step": ckpt.get("step"),
+        "opset": OPSET, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(), "geometry": geo, "levels": list(dims.levels),
+        "level_dims": level_dims_of(encoder), "files": files, "calibration": calib,
+        "export": {"fpr": args.fpr, "calibration_clips": len(reference), "seed": args.seed,
+                   "corpus": str(args.corpus) if args.corpus else "default", "providers": providers()},
+    }
+    write_manifest(out, manifest)
+
+    # 3. verification
+    if args.skip_verify:
+        log("verification skipped (--skip-verify)")
+        return manifest
+    try:
+        manifest["verification"] = verify_export(out, encoder, gaussians, decoders, reference, args.seed)
+    except VerificationError:
+        (out / MANIFEST).replace(out / (MANIFEST + ".failed"))
+        raise
+    write_manifest(out, manifest)
+    log(f"done in {time.time() - t0:.0f} s: {out / MANIFEST}")
+    return manifest
+
+
+def verify_export(out: Path, encoder: Encoder, gaussians: dict, decoders: dict, reference: list[np.ndarray],
+                  seed: int) -> dict:
+    rng = np.random.default_rng(seed + 1)
+    corpus = reference[1::2][:2] or reference[:2]  # clips of the scoring half
+    cases = audio_cases(corpus, rng)
+    result = {}
+
+    log("verifying graphs: onnxruntime vs torch")
+    graphs = Report()
+    verify_offline_graphs(out, encoder, gaussians, cases, graphs)
+    verify_step_graphs(out, encoder, gaussians, cases, graphs)
+    if decoders:
+        verify_decoder_graphs(out, encoder, decoders, cases, graphs, rng)
+    graphs.raise_if_failed("onnxruntime differs from torch")
+    log(f"  {graphs.summary()}")
+    result["graphs"] = graphs.summary()
+
+    log("verifying streaming against the offline model (chunks of 1, 159, 160, 161, 4000 and random mixes)")
+    model = StreamingModel(out)
+    utterances = {f"corpus{i}": a for i, a in enumerate(corpus)}
+    for n in VERIFY_LENGTHS:
+        utterances[f"random{n}"] = (0.1 * rng.standard_normal(n)).astype(np.float32)
+    plans = {**CHUNK_PLANS, **random_mix_plans(rng)}
+    stream = Report()
+    verify_streaming(model, encoder, gaussians, utterances, plans, stream)
+    stream.raise_if_failed("streaming differs from the offline model")
+    log(f"  {len(utterances)} utterances x {len(plans)} chunkings: {stream.summary()}")
+    result["streaming"] = (f"{len(utterances)} utterances x {len(plans)} chunkings, batched: {stream.summary()}")
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
+        epilog="Reference audio for the OOD calibration is the default corpus's held-out test split "
+               "(built on first use); see docs/streaming.md for the streaming graphs.")
+    p.add_argument("checkpoint", help="checkpoint.pt written by python -m train.sim")
+    p.add_argument("--out", required=True, help="output directory (created; files in it are replaced)")
+    p.add_argument("--decoders", metavar="DIR", help="directory of decoder_<level>.pt from python -m train.decoder")
+    p.add_argument("--fpr", type=float, default=0.01,
+                   help="false-positive rate of the OOD thresholds on in-distribution frames (default 0.01)")
+    p.add_argument("--calibration-clips", type=int, default=400, metavar="N",
+                   help="held-out corpus utterances used for calibration, half to fit, half to score (default 400)")
+    p.add_argument("--corpus", metavar="DIR", help="corpus directory (default: the default corpus cache)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing clips and random test audio")
+    p.add_argument("--skip-verify", action="store_true", help="write the files without verifying them")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if not 0.0 < args.fpr < 0.5:
+        p.error(f"--fpr must be in (0, 0.5), got {args.fpr}")
+    if args.calibration_clips < 2:
+        p.error(f"--calibration-clips must be at least 2, got {args.calibration_clips}")
+    try:
+        run_export(args)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output directory, disk full, ...
+        print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except VerificationError as exc:
+        print(f"error: verification failed; {args.out}/{MANIFEST} renamed to {MANIFEST}.failed\n{exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

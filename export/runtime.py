@@ -1,0 +1,366 @@
+"""Run an exported model directory with onnxruntime: batched streaming steps and a per-stream API.
+
+Torch-free (numpy + onnxruntime): serve/ and clients/ import it. The one place that chooses
+onnxruntime's execution providers (providers()).
+
+Low level (batch = streams; state tensors as the graphs take them, batch axis first):
+    model = StreamingModel("models/sim")
+    state = model.initial_state(batch)
+    outputs, state = model.step(audio (B, 160) float32, state)     # outputs keyed as the graph's
+    outputs = model.flush(tail (B, 160), tail_len (B,) int64, state)
+    model.stack_states([...batch-1 states...]) / model.split_state(batched)
+
+Per stream (sherpa-onnx style):
+    s = model.create_stream(); s.accept_waveform(samples); s.input_finished()
+    model.decode_streams([s, ...])      # batched steps until no stream has a hop ready, then flushes
+    s.pop_frames() -> {level: {"index", "mu", "logvar"?, "kl"?, "maha"}}
+    encode_streaming(model, audio, chunk_sizes) -> {"m1": (n, C), ..., "kl_m1": (n,), ...}
+
+Batches are padded to the next power of two (1, 2, 4, ... streams) so onnxruntime sees a few
+fixed shapes and its memory arena stops growing.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from export.manifest import load_manifest
+
+# A 69-byte ONNX model (one Identity node, opset 17) used to find out whether CUDA really works here:
+# onnxruntime-gpu lists CUDAExecutionProvider even where the CUDA libraries are missing.
+_PROBE_MODEL = (b'\x08\x08:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12'
+                b'\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11')
+_providers_cache: list[str] | None = None
+_providers_lock = threading.Lock()
+PROVIDER_ENV = "SIM_ORT_PROVIDER"  # "cpu" forces the CPU provider
+
+
+def providers() -> list[str]:
+    """Execution providers for every session: CUDA first when it actually loads here, else CPU only.
+
+    Decided once per process. Set SIM_ORT_PROVIDER=cpu to force the CPU."""
+    global _providers_cache
+    with _providers_lock:
+        if _providers_cache is None:
+            chosen = ["CPUExecutionProvider"]
+            forced_cpu = os.environ.get(PROVIDER_ENV, "").lower() == "cpu"
+            if not forced_cpu and "CUDAExecutionProvider" in ort.get_available_providers():
+                ort.set_default_logger_severity(4)  # a failed CUDA load logs an error; this probe expects it
+                try:
+                    probe = ort.InferenceSession(_PROBE_MODEL, providers=["CUDAExecutionProvider",
+                                                                          "CPUExecutionProvider"])
+                    if "CUDAExecutionProvider" in probe.get_providers():
+                        chosen = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+                except Exception:  # any failure to start CUDA means: run on the CPU
+                    pass
+                finally:
+                    ort.set_default_logger_severity(2)
+            _providers_cache = chosen
+        return list(_providers_cache)
+
+
+def make_session(path: str | Path, intra_op_threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime session for one graph on providers()."""
+    opts = ort.SessionOptions()
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    return ort.InferenceSession(str(path), opts, providers=providers())
+
+
+def bucket(n: int) -> int:
+    """Padded batch size: the next power of two >= n."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """Run with the batch padded to bucket(batch) rows of zeros; results cut back to batch rows."""
+    padded = bucket(batch)
+    if padded != batch:
+        feeds = {k: np.concatenate([v, np.zeros((padded - batch,) + v.shape[1:], v.dtype)]) for k, v in feeds.items()}
+    names = [o.name for o in session.get_outputs()]
+    results = session.run(names, feeds)
+    return {n: r[:batch] for n, r in zip(names, results)}
+
+
+class StreamingModel:
+    """The step and flush graphs of an exported model directory, and its manifest."""
+
+    def __init__(self, model_dir: str | Path, verify: bool = True, intra_op_threads: int | None = None):
+        self.manifest = load_manifest(model_dir, verify=verify)
+        self.dir = Path(self.manifest["dir"])
+        self.levels: list[str] = list(self.manifest["levels"])
+        self.level_dims: dict[str, int] = dict(self.manifest["level_dims"])
+        geometry = self.manifest["geometry"]
+        self.hop: int = int(geometry["step_samples"])
+        self.sample_rate: int = int(geometry["sample_rate"])
+        self.level_hops: dict[str, int] = dict(geometry["level_hops"])
+        self.state_spec: list[dict] = list(geometry["state"])
+        self.state_names = [s["name"] for s in self.state_spec]
+        self.variational: bool = bool(self.manifest.get("variational", self.manifest["method"] == "sim"))
+        self.calibration: dict = self.manifest["calibration"]
+        self._step = make_session(self.dir / "step.onnx", intra_op_threads)
+        self._flush = make_session(self.dir / "flush.onnx", intra_op_threads)
+
+    @property
+    def active_providers(self) -> list[str]:
+        """The execution providers the streaming sessions actually run on."""
+        return list(self._step.get_providers())
+
+    # -- batched, explicit state -------------------------------------------------------------
+    def initial_state(self, batch: int) -> dict[str, np.ndarray]:
+        return {s["name"]: np.zeros((batch, *s["shape"]), dtype=s["dtype"]) for s in self.state_spec}
+
+    def _split(self, results: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        outputs = {k: v for k, v in results.items() if not k.startswith("next_")}
+        state = {name: results[f"next_{name}"] for name in self.state_names}
+        return outputs, state
+
+    def _check_state(self, state: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        feeds = {}
+        for s in self.state_spec:
+            if s["name"] not in state:
+                raise ValueError(f"state lacks {s['name']!r}")
+            v = np.asarray(state[s["name"]], dtype=s["dtype"])
+            if v.shape != (batch, *s["shape"]):
+                raise ValueError(f"state {s['name']!r} has shape {v.shape}, expected {(batch, *s['shape'])}")
+            feeds[s["name"]] = v
+        return feeds
+
+    def step(self, audio: np.ndarray, state: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        """One hop per stream: audio (B, hop) float32. Returns (outputs, new state)."""
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 2 or audio.shape[1] != self.hop:
+            raise ValueError(f"step takes audio of shape (streams, {self.hop}), got {audio.shape}")
+        batch = audio.shape[0]
+        feeds = {"audio": audio, **self._check_state(state, batch)}
+        return self._split(_run(self._step, feeds, batch))
+
+    def flush(self, tail: np.ndarray, tail_len: np.ndarray, state: dict[str, np.ndarray]) -> dict:
+        """End of stream: tail (B, hop) float32 (samples past tail_len ignored), tail_len (B,) in [0, hop)."""
+        tail = np.asarray(tail, dtype=np.float32)
+        tail_len = np.asarray(tail_len, dtype=np.int64)
+        if tail.ndim != 2 or tail.shape[1] != self.hop or tail_len.shape != (tail.shape[0],):
+            raise ValueError(f"flush takes tail (streams, {self.hop}) and tail_len (streams,), "
+                             f"got {tail.shape} and {tail_len.shape}")
+        if np.any(tail_len < 0) or np.any(tail_len >= self.hop):
+            raise ValueError(f"tail_len must be in [0, {self.hop - 1}]")
+        batch = tail.shape[0]
+        feeds = {"tail": tail, "tail_len": tail_len, **self._check_state(state, batch)}
+        return self._split(_run(self._flush, feeds, batch))[0]
+
+    def stack_states(self, states: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {name: np.concatenate([s[name] for s in states], axis=0) for name in self.state_names}
+
+    def split_state(self, batched: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        n = next(iter(batched.values())).shape[0]
+        return [{name: batched[name][i:i + 1] for name in self.state_names} for i in range(n)]
+
+    # -- per stream ------------------------------------------------------------------------------
+    def _empty_frames(self, level: str) -> dict[str, np.ndarray]:
+        dim = self.level_dims[level]
+        frames = {"index": np.zeros(0, np.int64), "mu": np.zeros((0, dim), np.float32),
+                  "maha": np.zeros(0, np.float32)}
+        if self.variational and level != "ar":
+            frames.update(logvar=np.zeros((0, dim), np.float32), kl=np.zeros(0, np.float32))
+        return frames
+
+    def create_stream(self) -> "Stream":
+        return Stream(self)
+
+    def decode_streams(self, streams: Iterable["Stream"]) -> int:
+        """Batched steps over every stream with a hop ready, repeated until none has one; then one
+        batched flush over the streams whose input is finished. Returns the number of graph runs."""
+        streams = list({id(s): s for s in streams}.values())
+        for s in streams:
+            if s.model is not self:
+                raise ValueError("a stream of another model was passed to decode_streams")
+        runs = 0
+        while True:
+            ready = [s for s in streams if s.ready_hops > 0]
+            if not ready:
+                break
+            audio = np.stack([s._take_hop() for s in ready])
+            outputs, state = self.step(audio, self.stack_states([s.state for s in ready]))
+            for i, (s, st) in enumerate(zip(ready, self.split_state(state))):
+                s.state = st
+                s._collect(outputs, i)
+            runs += 1
+        ending = [s for s in streams if s.finished and not s.flushed and s.ready_hops == 0]
+        if ending:
+            tails, lens = zip(*(s._take_tail() for s in ending))
+            outputs = self.flush(np.stack(tails), np.array(lens, np.int64),
+                                 self.stack_states([s.state for s in ending]))
+            for i, s in enumerate(ending):
+                s._collect(outputs, i)
+                s.flushed = True
+            runs += 1
+        return runs
+
+
+class Stream:
+    """One audio stream: buffers samples into hops; frames come out through pop_frames().
+
+    accept_waveform / input_finished / pop_frames may be called from another thread than the
+    one running decode_streams (a lock guards the buffers); decode_streams itself must not run
+    concurrently on the same stream."""
+
+    def __init__(self, model: StreamingModel):
+        self.model = model
+        self._lock = threading.Lock()
+        self.state = model.initial_state(1)
+        self._chunks: list[np.ndarray] = []
+        self._buffered = 0
+        self.samples_received = 0
+        self.finished = False  # no more input will come
+        self.flushed = False  # the end has been decoded; the stream is complete
+        self._emitted = {level: 0 for level in model.levels}
+        self._pending: dict[str, list[dict]] = {level: [] for level in model.levels}
+
+    def accept_waveform(self, samples: np.ndarray) -> None:
+        """Append mono float32 samples at the model's sample rate (any number)."""
+        if self.finished:
+            raise RuntimeError("accept_waveform after input_finished")
+        samples = np.asarray(samples, dtype=np.float32)
+        if samples.ndim != 1:
+            raise ValueError(f"samples must be 1-D (mono), got shape {samples.shape}")
+        if samples.size:
+            with self._lock:
+                self._chunks.append(samples.copy())
+                self._buffered += samples.size
+                self.samples_received += samples.size
+
+    def input_finished(self) -> None:
+        self.finished = True
+
+    @property
+    def ready_hops(self) -> int:
+        return self._buffered // self.model.hop
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._buffered
+
+    def _take(self, n: int) -> np.ndarray:
+        with self._lock:
+            data = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+            head, rest = data[:n], data[n:]
+            self._chunks = [rest] if rest.size else []
+            self._buffered = rest.size
+        return head
+
+    def _take_hop(self) -> np.ndarray:
+        return self._take(self.model.hop)
+
+    def _take_tail(self) -> tuple[np.ndarray, int]:
+        data = self._take(self._buffered) if self._buffered else np.zeros(0, np.float32)
+        if data.size >= self.model.hop:
+            raise AssertionError("flush with a full hop buffered")
+        tail = np.zeros(self.model.hop, np.float32)
+        tail[:data.size] = data
+        return tail, data.size
+
+    def _collect(self, outputs: dict[str, np.ndarray], row: int) -> None:
+        for level in self.model.levels:
+            valid = outputs[f"valid_{level}"][row]
+            n = int(valid.sum())
+            if n == 0:
+                continue
+            frame = {"index": np.arange(self._emitted[level], self._emitted[level] + n, dtype=np.int64)}
+            for key in ("mu", "logvar", "kl", "maha"):
+                name = f"{key}_{level}"
+                if name in outputs:
+                    frame[key] = outputs[name][row][valid]
+            self._emitted[level] += n
+            with self._lock:
+                self._pending[level].append(frame)
+
+    @property
+    def has_frames(self) -> bool:
+        """Whether pop_frames() would return at least one frame."""
+        return any(self._pending.values())
+
+    def pop_frames(self) -> dict[str, dict[str, np.ndarray]]:
+        """Frames completed since the last call, per level (empty arrays where none)."""
+        result = {}
+        with self._lock:
+            pending = {level: self._pending[level] for level in self.model.levels}
+            self._pending = {level: [] for level in self.model.levels}
+        for level, parts in pending.items():
+            if len(parts) == 1:
+                result[level] = parts[0]
+            elif parts:
+                result[level] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            else:
+                result[level] = self.model._empty_frames(level)
+        return result
+
+    def frames_emitted(self, level: str) -> int:
+        return self._emitted[level]
+
+
+def _chunk_iter(chunk_sizes: int | Sequence[int]):
+    sizes = [chunk_sizes] if isinstance(chunk_sizes, (int, np.integer)) else list(chunk_sizes)
+    if not sizes or any(int(c) <= 0 for c in sizes):
+        raise ValueError(f"chunk sizes must be positive integers, got {chunk_sizes!r}")
+    return itertools.cycle(int(c) for c in sizes)
+
+
+def _as_encoding(model: StreamingModel, frames: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+    out = {}
+    for level in model.levels:
+        parts = frames[level]
+        parts = parts or [model._empty_frames(level)]
+        joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        idx = joined["index"]
+        if not np.array_equal(idx, np.arange(idx.size)):
+            raise AssertionError(f"level {level}: frame indices are not 0..{idx.size - 1}")
+        out[level] = joined["mu"]
+        for key in ("kl", "logvar", "maha"):
+            if key in joined:
+                out[f"{key}_{level}"] = joined[key]
+    return out
+
+
+def encode_streams(model: StreamingModel, audios: Sequence[np.ndarray],
+                   chunk_sizes: Sequence[int | Sequence[int]]) -> list[dict[str, np.ndarray]]:
+    """Stream several waveforms at once (batched), each cut into its own cycle of chunk sizes.
+
+    Each round every unfinished stream accepts its next chunk, then one decode_streams call serves
+    them all, so streams of different lengths step and flush in shared batches."""
+    streams = [model.create_stream() for _ in audios]
+    chunks = [_chunk_iter(c) for c in chunk_sizes]
+    pos = [0] * len(audios)
+    frames = [{level: [] for level in model.levels} for _ in audios]
+    audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
+    while not all(s.flushed for s in streams):
+        for i, s in enumerate(streams):
+            if s.finished:
+                continue
+            if pos[i] < audios[i].size:
+                c = next(chunks[i])
+                s.accept_waveform(audios[i][pos[i]:pos[i] + c])
+                pos[i] += c
+            if pos[i] >= audios[i].size:
+                s.input_finished()
+        model.decode_streams(streams)
+        for i, s in enumerate(streams):
+            if s.has_frames:
+                for level, f in s.pop_frames().items():
+                    if f["index"].size:
+                        frames[i][level].append(f)
+    return [_as_encoding(model, f) for f in frames]
+
+
+def encode_streaming(model: StreamingModel, audio: np.ndarray, chunk_sizes: int | Sequence[int] = 160
+                     ) -> dict[str, np.ndarray]:
+    """One whole waveform through the streaming graphs in chunks (an int, or sizes used in a cycle).
+
+    Keys as train.encode's: level -> (frames, C), kl_<level> (SIM conv levels), plus logvar_<level>
+    and maha_<level>."""
+    return encode_streams(model, [audio], [chunk_sizes])[0]

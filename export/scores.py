@@ -1,0 +1,41 @@
+"""Per-frame OOD scores as torch modules, baked into the exported graphs.
+
+maha: squared Mahalanobis distance of mu under a Gaussian fitted on reference frames,
+||W (mu - mean)||^2 with W a whitening matrix (W^T W = covariance^-1); fitted by export.calibration.
+kl:   KL(N(mu, exp(logvar)) || N(0, I)) summed over channels (train.model.kl_to_standard_normal).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Mahalanobis(nn.Module):
+    def __init__(self, mean: np.ndarray, whitening: np.ndarray):
+        super().__init__()
+        mean = np.asarray(mean, dtype=np.float32)
+        whitening = np.asarray(whitening, dtype=np.float32)
+        if whitening.shape != (mean.shape[0], mean.shape[0]):
+            raise ValueError(f"whitening matrix {whitening.shape} does not fit mean {mean.shape}")
+        self.register_buffer("mean", torch.from_numpy(mean.copy()))
+        self.register_buffer("whitening_t", torch.from_numpy(whitening.T.copy()))
+
+    @classmethod
+    def identity(cls, dim: int) -> "Mahalanobis":
+        """A standard-normal reference (mean 0, identity whitening): maha = ||mu||^2."""
+        return cls(np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32))
+
+    def forward(self, mu: torch.Tensor) -> torch.Tensor:
+        """mu: (..., C) -> (...)"""
+        return ((mu - self.mean) @ self.whitening_t).pow(2).sum(-1)
+
+
+def make_scorers(level_dims: dict[str, int], gaussians: dict[str, tuple[np.ndarray, np.ndarray]] | None
+                 ) -> nn.ModuleDict:
+    """One Mahalanobis module per level; identity for levels without a fitted Gaussian."""
+    gaussians = gaussians or {}
+    return nn.ModuleDict({
+        level: Mahalanobis(*gaussians[level]) if level in gaussians else Mahalanobis.identity(dim)
+        for level, dim in level_dims.items()
+    })

@@ -1,0 +1,76 @@
+"""Shared helpers for the export and streaming-runtime tests (no tests here).
+
+exported(method, decoders=False) runs the real CLI `python -m export.onnx` (in process) on a small
+randomly initialised model (ModelDims(channels=32, hidden=16)) with the small real corpus, once per
+test session and (method, decoders).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import encoder_checkpoint, save_atomic
+from train.model import Encoder, ModelDims
+
+SMALL = dict(channels=32, hidden=16)
+_EXPORTS: dict[tuple[str, bool], Path] = {}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny models: one thread is fastest and does not stall when other processes load the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def small_encoder(method: str, seed: int = 0) -> Encoder:
+    torch.manual_seed(seed)
+    return Encoder(ModelDims(method=method, **SMALL)).eval()
+
+
+def write_checkpoint(path: Path, method: str, seed: int = 0) -> Path:
+    save_atomic(encoder_checkpoint(small_encoder(method, seed), {"method": method, "beta": 0.0033}), path)
+    return path
+
+
+def write_decoders(directory: Path, levels=("m1", "m2", "m3"), channels: int = SMALL["channels"],
+                   method: str = "sim") -> Path:
+    from train.decoder import Decoder, save_decoder
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(5)
+    for level in levels:
+        save_decoder(Decoder(level, channels), directory / f"decoder_{level}.pt",
+                     dims={"method": method, "channels": channels, "hidden": SMALL["hidden"]})
+    return directory
+
+
+def export_small(method: str, root: Path, corpus: Path, decoders: bool = False) -> Path:
+    from export.onnx import main
+
+    key = (method, decoders)
+    if key not in _EXPORTS:
+        name = method + ("_dec" if decoders else "")
+        ckpt = write_checkpoint(root / f"{name}.pt", method)
+        out = root / name
+        args = [str(ckpt), "--out", str(out), "--corpus", str(corpus), "--calibration-clips", "20"]
+        if decoders:
+            levels = ("m3",) if method == "cpc" else ("m1", "m2", "m3")
+            args += ["--decoders", str(write_decoders(root / f"{name}_decoders", levels, method=method))]
+        with one_torch_thread():
+            assert main(args) == 0
+        _EXPORTS[key] = out
+    return _EXPORTS[key]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, small_corpus):
+    root = tmp_path_factory.mktemp("exports")
+    return lambda method, decoders=False: export_small(method, root, small_corpus, decoders)

@@ -1,0 +1,195 @@
+"""export.runtime: the streaming graphs in onnxruntime, per stream and batched, against the offline encoder."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from export.offline import offline_levels
+from export.runtime import StreamingModel, bucket, encode_streaming, encode_streams, providers
+from export.verify import random_mix_plans
+from test_export_support import exported, one_torch_thread  # noqa: F401
+from train.audio import load_audio, level_frames
+from train.checkpoint import load_encoder
+from train.corpus import load_corpus
+from train.encode import encode_array
+
+PLANS = {"1": [1], "159": [159], "160": [160], "161": [161], "4000": [4000]}
+
+
+def reference(model: StreamingModel, audio: np.ndarray) -> dict[str, np.ndarray]:
+    """The offline run of the whole utterance by the torch Encoder of the exported checkpoint."""
+    encoder, _ = load_encoder(model.manifest["checkpoint"])
+    with one_torch_thread():
+        return offline_levels(encoder, audio)
+
+
+def offline_encoder_graph(model: StreamingModel, audio: np.ndarray) -> dict[str, np.ndarray]:
+    from export.runtime import make_session
+
+    s = make_session(model.dir / "encoder.onnx")
+    names = [o.name for o in s.get_outputs()]
+    return {n: v[0] for n, v in zip(names, s.run(names, {"audio": audio[None]}))}
+
+
+def assert_matches(got: dict, model: StreamingModel, audio: np.ndarray, what: str, tol: float = 1e-4):
+    """Streaming result (encode_streaming keys) equals the offline run: torch Encoder for mu / logvar / kl,
+    encoder.onnx (same baked Gaussian) for maha; frame counts exactly the offline counts."""
+    counts = level_frames(audio.size)
+    ref = reference(model, audio)
+    for level in model.levels:
+        assert got[level].shape == (counts[level], model.level_dims[level]), (what, level)
+        pairs = [(level, f"mu_{level}")]
+        if model.variational and level != "ar":
+            pairs += [(f"kl_{level}", f"kl_{level}"), (f"logvar_{level}", f"logvar_{level}")]
+        for key, ref_key in pairs:
+            r = ref[ref_key]
+            if r.size:
+                err = np.abs(got[key] - r).max() / max(np.abs(r).max(), 1e-6)
+                assert err <= tol, f"{what} {key}: {err:.3g}"
+    if audio.size >= 260:  # encoder.onnx needs a frame at every layer
+        whole = offline_encoder_graph(model, audio)
+        for level in model.levels:
+            r = whole[f"maha_{level}"]
+            assert np.abs(got[f"maha_{level}"] - r).max() <= tol * max(np.abs(r).max(), 1e-6), (what, level)
+
+
+@pytest.fixture(scope="module")
+def corpus_audio(small_corpus):
+    utts = load_corpus(small_corpus, "test")
+    return [load_audio(u.path) for u in utts[:2]]
+
+
+def test_providers_choose_cpu_when_cuda_cannot_run():
+    chosen = providers()
+    assert chosen[-1] == "CPUExecutionProvider" and chosen[0] in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert providers() == chosen  # decided once
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 9, 33, 64, 65)] == [1, 2, 4, 4, 8, 16, 64, 64, 128]
+
+
+@pytest.mark.parametrize("method", ["sim", "gim", "cpc"])
+def test_chunked_streaming_equals_offline_on_corpus_audio(exported, corpus_audio, method):
+    """Chunks of 1, 159, 160, 161, 4000 samples and random mixes: every frame, first and last included."""
+    model = StreamingModel(exported(method))
+    plans = {**PLANS, **random_mix_plans(np.random.default_rng(3), 1)}
+    audio = corpus_audio[0]
+    results = encode_streams(model, [audio] * len(plans), list(plans.values()))
+    for name, got in zip(plans, results):
+        assert_matches(got, model, audio, f"{method} chunks {name}")
+    # the same as train.encode's offline arrays, key for key
+    encoder, _ = load_encoder(model.manifest["checkpoint"])
+    with one_torch_thread():
+        offline = encode_array(encoder, audio)
+    for key, value in offline.items():
+        assert results[0][key].shape == value.shape
+        assert np.abs(results[0][key] - value).max() <= 1e-4 * np.abs(value).max()
+
+
+@pytest.mark.parametrize("method", ["sim", "cpc"])
+def test_every_length_from_one_sample(exported, method):
+    """Lengths 1..700 (many shorter than the 253 samples of a first frame), 5000 and 5003, all streamed at once."""
+    model = StreamingModel(exported(method))
+    rng = np.random.default_rng(4)
+    lengths = sorted(set(range(1, 701, 23)) | {252, 253, 5000, 5003})
+    audios = [(0.2 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+    plans = [[1 + (i * 37) % 200, 160, 7] for i in range(len(lengths))]
+    for n, audio, got in zip(lengths, audios, encode_streams(model, audios, plans)):
+        assert_matches(got, model, audio, f"{method} n={n}")
+    assert encode_streaming(model, audios[lengths.index(5000)], 333)["m3"].shape[0] == 31
+    assert encode_streaming(model, audios[lengths.index(5003)], 333)["m3"].shape[0] == 32
+
+
+def test_batched_streams_get_the_same_output_as_alone(exported, corpus_audio):
+    """Streams of different lengths and chunkings, decoded in shared batches, each equal to running alone."""
+    model = StreamingModel(exported("sim"))
+    rng = np.random.default_rng(5)
+    audios = [corpus_audio[0], corpus_audio[1][:3001], (0.1 * rng.standard_normal(777)).astype(np.float32),
+              corpus_audio[1], (0.1 * rng.standard_normal(100)).astype(np.float32)]
+    plans = [[160], [1000, 3], [161], [4000], [50]]
+    together = encode_streams(model, audios, plans)
+    for audio, plan, got in zip(audios, plans, together):
+        alone = encode_streaming(model, audio, plan)
+        assert set(alone) == set(got)
+        for key in alone:
+            np.testing.assert_allclose(got[key], alone[key], rtol=1e-5, atol=1e-6 * max(1.0, np.abs(alone[key]).max()))
+
+
+def test_frames_come_out_at_each_levels_own_rate(exported):
+    model = StreamingModel(exported("sim"))
+    s = model.create_stream()
+    rng = np.random.default_rng(6)
+    total = {lv: 0 for lv in model.levels}
+    for k in range(1, 6):
+        s.accept_waveform((0.1 * rng.standard_normal(160)).astype(np.float32))
+        model.decode_streams([s])
+        frames = s.pop_frames()
+        for lv, f in frames.items():
+            assert f["index"].tolist() == list(range(total[lv], total[lv] + f["index"].size))
+            assert f["mu"].shape == (f["index"].size, model.level_dims[lv]) and f["maha"].shape == f["index"].shape
+            if lv != "ar":
+                assert f["kl"].shape == f["index"].shape and f["logvar"].shape == f["mu"].shape
+            total[lv] += f["index"].size
+        # after k hops: top frames 0..k-2 (frame f needs sample 160 f + 252), m1 8k-1, m2 2k-1
+        assert total == {"m1": 8 * k - 1, "m2": 2 * k - 1, "m3": k - 1, "ar": k - 1}
+        assert all(v["index"].size == 0 for v in s.pop_frames().values())  # nothing twice
+    s.accept_waveform(np.zeros(40, np.float32))
+    s.input_finished()
+    model.decode_streams([s])
+    assert s.flushed
+    for lv, f in s.pop_frames().items():
+        total[lv] += f["index"].size
+    assert total == level_frames(5 * 160 + 40)
+    with pytest.raises(RuntimeError, match="after input_finished"):
+        s.accept_waveform(np.zeros(3, np.float32))
+
+
+def test_low_level_step_flush_and_state_helpers(exported):
+    model = StreamingModel(exported("gim"))
+    assert model.hop == 160 and model.levels == ["m1", "m2", "m3", "ar"] and not model.variational
+    state = model.initial_state(3)
+    assert {k: v.shape for k, v in state.items()} == {
+        "cache_0": (3, 1, 7), "cache_1": (3, 32, 5), "cache_2": (3, 32, 3), "cache_3": (3, 32, 3),
+        "cache_4": (3, 32, 2), "gru_h": (3, 16), "started": (3, 1)}
+    audio = (0.1 * np.random.default_rng(7).standard_normal((3, 160))).astype(np.float32)
+    outputs, new = model.step(audio, state)
+    assert outputs["mu_m1"].shape == (3, 8, 32) and outputs["valid_m3"].tolist() == [[False]] * 3
+    assert np.all(new["started"] == 1)
+    parts = model.split_state(new)
+    assert len(parts) == 3 and parts[1]["cache_2"].shape == (1, 32, 3)
+    restacked = model.stack_states(parts)
+    for k in new:
+        np.testing.assert_array_equal(restacked[k], new[k])
+    # one stream alone from its split state gives that stream's row of the batched step
+    out1, _ = model.step(audio[1:2], parts[1])
+    out3, _ = model.step(audio, new)
+    np.testing.assert_allclose(out1["mu_m2"][0], out3["mu_m2"][1], rtol=1e-5, atol=1e-6)
+    flushed = model.flush(np.zeros((3, 160), np.float32), np.array([0, 50, 159]), new)
+    assert flushed["mu_m3"].shape == (3, 2, 32) and "next_gru_h" not in flushed
+    assert flushed["valid_m1"].sum(axis=1).tolist() == [
+        level_frames(160 + n)["m1"] - 7 for n in (0, 50, 159)]
+    with pytest.raises(ValueError, match=r"\(streams, 160\)"):
+        model.step(audio[:, :100], state)
+    with pytest.raises(ValueError, match="tail_len"):
+        model.flush(audio, np.array([0, 160, 3]), state)
+    with pytest.raises(ValueError, match="cache_1"):
+        model.step(audio, {**state, "cache_1": state["cache_1"][:2]})
+    with pytest.raises(ValueError, match="1-D"):
+        model.create_stream().accept_waveform(np.zeros((2, 2), np.float32))
+
+
+def test_runtime_and_manifest_import_without_torch(exported):
+    """serve/ and clients/ must never import torch: the runtime works with torch made unimportable."""
+    model_dir = exported("cpc")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from export.runtime import StreamingModel, encode_streaming\n"
+        f"m = StreamingModel({str(model_dir)!r})\n"
+        "out = encode_streaming(m, np.zeros(1000, np.float32), [100, 60])\n"
+        "print(out['m3'].shape, 'torch' in sys.modules and sys.modules['torch'] is not None)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["(6,", "32)", "False"]
