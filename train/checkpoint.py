@@ -61,20 +61,21 @@ def save_atomic(obj: dict, path: str | Path) -> None:
         raise
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load and validate a checkpoint dict. Raises CheckpointError with a clear message."""
+def load(path: str | Path, map_location: str | torch.device = "cpu", *, fmt: str = FORMAT,
+         required: tuple[str, ...] = ("dims", "model", "config"), what: str = "checkpoint") -> dict:
+    """Load and validate a saved dict of format `fmt`. Raises CheckpointError with a clear message."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such {what} file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint")
-    for key in ("dims", "model", "config"):
+        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise CheckpointError(f"{path}: not a {fmt} file")
+    for key in required:
         if key not in ckpt:
-            raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
+            raise CheckpointError(f"{path}: {what} lacks {key!r}")
     return ckpt
 
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from train.audio import CONV_LAYERS, GREEDY_MODULES, SAMPLE_RATE, level_hops
-from train.checkpoint import CheckpointError, save_atomic
+from train.checkpoint import CheckpointError, load, save_atomic
 
 FORMAT = "sim-decoder/1"
 DECODER_LEVELS = ("m1", "m2", "m3")
@@ -113,15 +113,7 @@ def save_decoder(decoder: Decoder, path: str | Path, dims: dict, config: dict | 
 
 def load_decoder(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Decoder, dict]:
     """The decoder in eval mode and its metadata (everything in the file but the weights)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such decoder file")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable decoder ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} file")
+    obj = load(path, map_location, fmt=FORMAT, required=("level", "arch", "model"), what="decoder")
     try:
         arch = obj["arch"]
         dec = Decoder(obj["level"], arch["in_channels"], arch["width"], arch["extra"])
