@@ -1,0 +1,76 @@
+"""Connecting to the service: the command-line options every client shares, channel and credentials."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+
+
+class ClientError(RuntimeError):
+    """A user-facing client failure (bad option, unreachable server); printed as `error: ...`."""
+
+
+def add_connection_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("connection")
+    g.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of the service (default %(default)s)")
+    g.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
+    g.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA (or self-signed) certificate")
+    g.add_argument("--tls-server-name", metavar="NAME", help="expected name in the server certificate, when it "
+                                                              "differs from HOST")
+    g.add_argument("--token-file", metavar="FILE", help="file holding the bearer token the server asks for")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server to be reachable "
+                                                               "(default %(default)s)")
+
+
+@dataclass
+class Connection:
+    channel: grpc.Channel
+    stub: pb_grpc.SimEncoderStub
+    metadata: tuple[tuple[str, str], ...]
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def connect(args: argparse.Namespace, wait: bool = True) -> Connection:
+    """Open a channel from the parsed connection options; with wait, fail clearly if nobody answers."""
+    metadata: tuple[tuple[str, str], ...] = ()
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ClientError(f"--token-file {args.token_file}: {exc.strerror}") from None
+        if not token:
+            raise ClientError(f"--token-file {args.token_file}: empty")
+        metadata = (("authorization", f"Bearer {token}"),)
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    if args.tls or args.tls_ca:
+        root = None
+        if args.tls_ca:
+            try:
+                root = Path(args.tls_ca).read_bytes()
+            except OSError as exc:
+                raise ClientError(f"--tls-ca {args.tls_ca}: {exc.strerror}") from None
+        channel = grpc.secure_channel(args.server, grpc.ssl_channel_credentials(root_certificates=root), options)
+    else:
+        channel = grpc.insecure_channel(args.server, options)
+    if wait:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=args.timeout)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            raise ClientError(f"cannot reach the server at {args.server} within {args.timeout:g} s "
+                              f"(is it running{', with TLS' if not (args.tls or args.tls_ca) else ''}?)") from None
+    return Connection(channel, pb_grpc.SimEncoderStub(channel), metadata)
+
+
+def describe_rpc_error(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code.name if code else 'RPC error'}: {details}"

@@ -1,0 +1,113 @@
+"""`python -m clients.stream AUDIO --server HOST:PORT --out X.npz`: stream a file through the service.
+
+Saves the same arrays as `python -m train.encode` (m1 m2 m3 ar, kl_m1 kl_m2 kl_m3) plus the OOD
+results (see clients.encoding for every name), and prints an OOD timeline summary.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
+from clients.encoding import TIMELINE_LEVEL, FrameCollector, file_requests, flagged_stretches
+from clients.view import ood_timeline
+from protos.sim.v1 import sim_pb2 as pb
+from train.audio import HOP, SAMPLE_RATE, AudioError, level_hops, load_audio
+
+
+def encode_file(conn, audio: np.ndarray, *, chunk_samples: int = 1600, realtime: bool = False,
+                levels=(), return_logvar: bool = False, encoding: int = pb.FLOAT32,
+                timeline_level: str = TIMELINE_LEVEL, progress=None) -> dict[str, np.ndarray]:
+    """Stream one waveform; the collected arrays. Raises grpc.RpcError when the server ends the call."""
+    collector = FrameCollector(timeline_level)
+    requests = file_requests(audio, chunk_samples, realtime=realtime, levels=levels, return_logvar=return_logvar,
+                             encoding=encoding)
+    for resp in conn.stub.StreamEncode(requests, metadata=conn.metadata):
+        collector.add(resp)
+        if progress is not None:
+            progress(collector)
+    return collector.arrays()
+
+
+def summary(name: str, arrays: dict[str, np.ndarray], n_samples: int, level: str, width: int = 100) -> str:
+    lines = [f"{name}: {n_samples / SAMPLE_RATE:.2f} s; frames " +
+             ", ".join(f"{lv} {arrays[lv].shape[0]}" for lv in ("m1", "m2", "m3", "ar") if lv in arrays)]
+    if f"ood_{level}" not in arrays:
+        return "\n".join(lines)
+    ood = arrays[f"ood_{level}"]
+    frame_s = level_hops()[level] / SAMPLE_RATE
+    n_flag = int(ood.sum())
+    lines.append(f"OOD ({level}): {n_flag} of {ood.size} frames flagged ({100.0 * n_flag / max(ood.size, 1):.1f} %)")
+    stretches = flagged_stretches(ood, frame_s)
+    if stretches:
+        shown = ", ".join(f"{a:.2f}-{b:.2f} s" for a, b in stretches[:12])
+        more = f" and {len(stretches) - 12} more" if len(stretches) > 12 else ""
+        lines.append(f"flagged stretches: {shown}{more}")
+    per_char = max(1, int(np.ceil(ood.size / width)))
+    lines.append(f"timeline ({per_char * frame_s * 1000:.0f} ms per char, '!' flagged, '#' mostly flagged):")
+    lines.append("  " + ood_timeline(ood, per_char))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m clients.stream", description=__doc__.split("\n\n")[0])
+    ap.add_argument("audio", help="audio file (wav, flac, ...); other rates and stereo are converted")
+    ap.add_argument("--out", required=True, help="output .npz")
+    ap.add_argument("--chunk-samples", type=int, default=1600, help="samples per message (default %(default)s)")
+    ap.add_argument("--realtime", action="store_true", help="send at the pace of a live recording")
+    ap.add_argument("--levels", default="", help="comma-separated levels to return (default: all of the model's)")
+    ap.add_argument("--logvar", action="store_true", help="also return and save log-variances")
+    ap.add_argument("--encoding", choices=("float32", "linear16"), default="float32",
+                    help="wire format of the samples (default %(default)s; linear16 quantises to 16 bits)")
+    ap.add_argument("--timeline-level", default=TIMELINE_LEVEL, help="level of p_value, ood and the summary "
+                                                                     "(default %(default)s)")
+    add_connection_args(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.chunk_samples < 1:
+        print("error: --chunk-samples must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        audio = load_audio(args.audio, allow_resample=True, mixdown=True)
+        conn = connect(args)
+    except (AudioError, ClientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    levels = [lv for lv in args.levels.split(",") if lv]
+    encoding = pb.LINEAR16 if args.encoding == "linear16" else pb.FLOAT32
+    from tqdm import tqdm
+
+    total = max(1, int(np.ceil(len(audio) / HOP)))
+    with tqdm(total=total, unit="frame", desc="streaming", file=sys.stderr, disable=None, leave=False) as bar:
+        def progress(col: FrameCollector) -> None:
+            done = max((col.count(lv) for lv in ("m3", "ar") if lv in col.levels), default=0)
+            bar.update(done - bar.n)
+
+        try:
+            arrays = encode_file(conn, audio, chunk_samples=args.chunk_samples, realtime=args.realtime,
+                                 levels=levels, return_logvar=args.logvar, encoding=encoding,
+                                 timeline_level=args.timeline_level, progress=progress)
+        except grpc.RpcError as exc:
+            print(f"error: the server ended the stream: {describe_rpc_error(exc)}", file=sys.stderr)
+            return 1
+        finally:
+            conn.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    level = args.timeline_level if f"ood_{args.timeline_level}" in arrays else next(
+        (lv for lv in ("m3", "ar", "m2", "m1") if f"ood_{lv}" in arrays), args.timeline_level)
+    print(summary(args.audio, arrays, len(audio), level))
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The Decode RPC's engine: latents of one level -> audio through MODEL_DIR/decoder_<level>.onnx.
+
+A decoder graph takes latents (batch, frames, channels), channels last like everything the
+service returns, and gives audio (batch, samples) (train.decoder.Decoder exported to ONNX by
+`python -m export.onnx ... --decoders DIR`). Only decoders listed in the manifest are served.
+Sessions are opened on first use (after re-checking the file's sha256) and kept.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from export.manifest import sha256_file
+from serve.errors import StreamError
+
+DECODABLE = ("m1", "m2", "m3")  # the GRU's context has no decoder (train.decoder.DECODER_LEVELS)
+
+
+def decoder_file(model_dir: str | Path, level: str) -> Path:
+    return Path(model_dir) / f"decoder_{level}.onnx"
+
+
+class DecoderBank:
+    def __init__(self, model_dir: str | Path, manifest: dict, level_dims: dict[str, int], providers: list[str],
+                 max_frames: int = 6000):
+        self.model_dir = Path(model_dir)
+        self.files = {name: entry for name, entry in manifest.get("files", {}).items()
+                      if entry.get("role") == "decoder"}
+        self.level_dims = dict(level_dims)
+        self.providers = list(providers)
+        self.max_frames = max_frames
+        self._sessions: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def available(self, level: str) -> bool:
+        return level in DECODABLE and level in self.level_dims and decoder_file(self.model_dir, level).name in self.files
+
+    def _session(self, level: str):
+        with self._lock:
+            if level in self._sessions:
+                return self._sessions[level]
+            import onnxruntime as ort
+
+            path = decoder_file(self.model_dir, level)
+            expected = self.files[path.name].get("sha256")
+            try:
+                digest = sha256_file(path)
+            except OSError as exc:
+                raise StreamError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"decoder for level {level!r} is unreadable ({path.name}: {exc.strerror})") from None
+            if digest != expected:
+                raise StreamError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"{path.name} changed since the model was exported (sha256 mismatch); "
+                                  "re-export the model and restart the server")
+            try:
+                sess = ort.InferenceSession(str(path), providers=self.providers)
+            except Exception as exc:  # onnxruntime raises several types for unreadable graphs
+                raise StreamError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"decoder for level {level!r} cannot be loaded ({path.name}: {exc})") from None
+            inputs = sess.get_inputs()
+            shape = inputs[0].shape if inputs else None
+            if len(inputs) != 1 or len(shape) != 3:
+                raise StreamError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"{path.name} is not a decoder graph: expected one input (batch, frames, channels)")
+            channels = shape[2]
+            if isinstance(channels, int) and channels != self.level_dims[level]:
+                raise StreamError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"{path.name} expects {channels} channels but level {level!r} of the served "
+                                  f"model has {self.level_dims[level]}: the decoder belongs to another model")
+            self._sessions[level] = sess
+            return sess
+
+    def decode(self, level: str, num_frames: int, latents) -> np.ndarray:
+        """Audio samples (float32) for num_frames x dim latents. Raises StreamError with the status to send."""
+        if level not in self.level_dims:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"unknown level {level!r}; the model has {', '.join(self.level_dims)}")
+        if level not in DECODABLE:
+            raise StreamError(grpc.StatusCode.NOT_FOUND,
+                              f"level {level!r} has no decoder; decodable levels are {', '.join(DECODABLE)}")
+        if not self.available(level):
+            raise StreamError(grpc.StatusCode.NOT_FOUND,
+                              f"the served model has no decoder for level {level!r} (export one with "
+                              "`python -m export.onnx CHECKPOINT --decoders DIR`)")
+        dim = self.level_dims[level]
+        if num_frames < 1:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, f"num_frames must be at least 1, got {num_frames}")
+        if num_frames > self.max_frames:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"num_frames {num_frames} exceeds the limit of {self.max_frames} per call")
+        z = np.asarray(latents, dtype=np.float32)
+        if z.size != num_frames * dim:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"latents has {z.size} values; level {level!r} needs num_frames x {dim} = "
+                              f"{num_frames * dim}")
+        if not np.isfinite(z).all():
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "latents contain NaN or infinite values")
+        sess = self._session(level)
+        name = sess.get_inputs()[0].name
+        audio = sess.run(None, {name: z.reshape(1, num_frames, dim)})[0]
+        return np.asarray(audio, dtype=np.float32).reshape(-1)

@@ -1,0 +1,144 @@
+"""Assemble and run the gRPC server: service, health, reflection, auth, metrics, draining."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from protos.sim.v1 import sim_pb2 as pb
+from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+from serve.auth import TokenInterceptor
+from serve.batcher import Batcher
+from serve.decoders import DecoderBank
+from serve.frames import FrameBuilder
+from serve.metrics import Metrics
+from serve.servicer import Limits, SimEncoderServicer
+
+log = logging.getLogger("serve")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SimEncoder"].full_name  # "sim.v1.SimEncoder"
+
+
+@dataclass
+class ServerOptions:
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    drain_grace_seconds: float = 30.0
+    threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime's default)
+    max_hops_per_tick: int = 8
+    batch_wait_s: float = 0.0
+
+
+class Server:
+    """One model served on one port. start() / wait() / drain(); or run() for all three."""
+
+    def __init__(self, opts: ServerOptions):
+        from export.runtime import StreamingModel, providers
+
+        self.opts = opts
+        self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=opts.threads)
+        self.metrics = Metrics()
+        self.decoders = DecoderBank(self.model.dir, self.model.manifest, self.model.level_dims, providers())
+        self.builder = FrameBuilder(self.model.manifest, self.model.level_hops)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+        self._server: aio.Server | None = None
+        self._stopped: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        opts = self.opts
+        self._stopped = asyncio.Event()
+        self.batcher = Batcher(self.model, self.builder, self.metrics, max_hops_per_tick=opts.max_hops_per_tick,
+                               batch_wait_s=opts.batch_wait_s)
+        self.servicer = SimEncoderServicer(self.model, self.batcher, self.decoders, self.metrics, opts.limits)
+        interceptors = [TokenInterceptor(opts.token, self._count_reject)] if opts.token else []
+        limit = int(opts.limits.max_message_bytes)
+        self._server = aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", max(limit, 64 << 20)),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_SimEncoderServicer_to_server(self.servicer, self._server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        address = f"{_bracket(opts.host)}:{opts.port}"
+        try:
+            if opts.tls_cert or opts.tls_key:
+                creds = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(),
+                                                      Path(opts.tls_cert).read_bytes())])
+                self.port = self._server.add_secure_port(address, creds)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind"
+            self.port = 0
+        if not self.port:
+            raise OSError(f"cannot bind {address} (in use, or not an address of this machine)")
+        if opts.metrics_port is not None:
+            self._metrics_http, self.metrics_port = self.metrics.serve(opts.metrics_port, opts.host)
+        self.batcher.start()
+        await self._server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _count_reject(self, method: str) -> None:
+        if method.endswith("/StreamEncode"):  # rejected before the handler runs: count the outcome here
+            self.metrics.streams.labels("unauthenticated").inc()
+
+    def request_stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def drain(self) -> None:
+        """Health NOT_SERVING, refuse new streams, let open ones finish within the grace period,
+        end the rest with UNAVAILABLE, stop."""
+        grace = self.opts.drain_grace_seconds
+        await self.health.enter_graceful_shutdown()
+        self.servicer.draining = True
+        log.info("draining: %d open streams, grace %g s", self.servicer.active, grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.servicer.active > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.servicer.active > 0:
+            self.servicer.abort_all(f"server shut down; the stream did not end within the {grace:g} s drain period")
+            await asyncio.sleep(0.2)
+        await self._server.stop(1.0)
+        await self.batcher.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    async def run(self, ready=None) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        if ready is not None:
+            ready(self)
+        await self.wait()
+        await self.drain()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

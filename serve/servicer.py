@@ -1,0 +1,239 @@
+"""The sim.v1.SimEncoder service: StreamEncode, Info and Decode."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from export.runtime import providers
+from protos.sim.v1 import sim_pb2 as pb
+from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+from serve.audio_codec import check_encoding, decode_audio
+from serve.batcher import Batcher
+from serve.decoders import DecoderBank
+from serve.errors import StreamError, outcome_label
+from serve.metrics import Metrics
+from serve.session import END, StreamSession
+
+log = logging.getLogger("serve")
+
+API_VERSION = "sim.v1"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 4 << 20
+    max_streams: int = 64
+    max_stream_seconds: float = 3600.0
+    idle_timeout_seconds: float = 10.0
+    max_backlog_seconds: float = 10.0  # audio received but not yet processed before reads pause
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sim-service")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class SimEncoderServicer(pb_grpc.SimEncoderServicer):
+    def __init__(self, model, batcher: Batcher, decoders: DecoderBank, metrics: Metrics, limits: Limits):
+        self.model = model
+        self.batcher = batcher
+        self.decoders = decoders
+        self.metrics = metrics
+        self.limits = limits
+        self.draining = False
+        self.active = 0
+        self._sessions: set[StreamSession] = set()
+
+    # --- StreamEncode ------------------------------------------------------------------------
+    async def StreamEncode(self, request_iterator, context):
+        code: grpc.StatusCode | None = None
+        session: StreamSession | None = None
+        reader: asyncio.Task | None = None
+        self.active += 1
+        self.metrics.active_streams.inc()
+        try:
+            if self.draining:
+                raise StreamError(grpc.StatusCode.UNAVAILABLE, "server is draining (shutting down); retry "
+                                                               "on another server")
+            if self.active > self.limits.max_streams:
+                raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"too many streams: this server serves at most {self.limits.max_streams} at once")
+            ait = request_iterator.__aiter__()
+            first = await self._next(ait, "config")
+            if first is None:
+                return  # the client closed without sending anything: nothing to do
+            session = self._open(first)
+            self._sessions.add(session)
+            self.batcher.add(session)
+            reader = asyncio.get_running_loop().create_task(self._read(ait, session))
+            while True:
+                item = await session.out.get()
+                if item is END:
+                    break
+                if isinstance(item, StreamError):
+                    raise item
+                resp, scored, needed = item
+                await context.write(resp)
+                self._account(session, scored, needed)
+            code = grpc.StatusCode.OK
+        except StreamError as err:
+            code = err.code
+            log.info("stream %s ended: %s %s", session.id if session else "-", err.code.name, err.message)
+            await context.abort(err.code, err.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if session is not None:
+                self.batcher.remove(session)
+                self._sessions.discard(session)
+            self.active -= 1
+            self.metrics.active_streams.dec()
+            self.metrics.streams.labels(outcome_label(code) if code is not None else "internal").inc()
+
+    async def _next(self, ait, expecting: str):
+        """The next request, None at half-close; OUT_OF_RANGE when the client stays silent too long."""
+        idle = self.limits.idle_timeout_seconds
+        try:
+            return await asyncio.wait_for(ait.__anext__(), timeout=idle if idle > 0 else None)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise StreamError(grpc.StatusCode.OUT_OF_RANGE,
+                              f"idle too long: no {expecting} message for {idle:g} s") from None
+
+    def _open(self, request) -> StreamSession:
+        kind = request.WhichOneof("request")
+        if kind != "config":
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              "the first message must carry the config; got audio before config"
+                              if kind == "audio" else "the first message must carry the config; got an empty message")
+        cfg = request.config
+        if cfg.sample_rate != self.model.sample_rate:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"config.sample_rate is {cfg.sample_rate}; the model takes {self.model.sample_rate} Hz "
+                              "mono audio (resample on the client)")
+        check_encoding(cfg.encoding)
+        levels = tuple(cfg.levels) or tuple(self.model.levels)
+        unknown = [lv for lv in levels if lv not in self.model.levels]
+        if unknown:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"config.levels has {', '.join(map(repr, unknown))}; this model has "
+                              f"{', '.join(self.model.levels)}")
+        if len(set(levels)) != len(levels):
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "config.levels names a level twice")
+        levels = tuple(lv for lv in self.model.levels if lv in levels)  # model order
+        sr = self.model.sample_rate
+        return StreamSession(self.model.create_stream(), levels, cfg.return_logvar, cfg.encoding,
+                             max_samples=int(self.limits.max_stream_seconds * sr),
+                             max_backlog=int(self.limits.max_backlog_seconds * sr))
+
+    async def _read(self, ait, session: StreamSession) -> None:
+        """Reader task: audio messages into the session until half-close or an error."""
+        try:
+            while True:
+                req = await self._next(ait, "audio")
+                if req is None:
+                    session.close_input()
+                    self.batcher.notify()
+                    return
+                kind = req.WhichOneof("request")
+                if kind == "config":
+                    raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "config sent twice: only the first "
+                                                                        "message may carry the config")
+                if kind != "audio":
+                    raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "empty message: set config or audio")
+                samples = decode_audio(req.audio, session.encoding)
+                session.add_audio(samples)
+                self.metrics.audio_seconds.inc(samples.shape[0] / self.model.sample_rate)
+                self.batcher.notify()
+                if not session.room.is_set():
+                    await session.room.wait()
+        except StreamError as err:
+            session.fail(err)
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError:
+            pass  # the call itself failed (client gone, message too large): the handler sees it too
+        except Exception as exc:  # a bug: end this stream only
+            log.exception("stream %s: reader failed", session.id)
+            session.fail(StreamError(grpc.StatusCode.INTERNAL, f"server error reading the stream: {exc}"))
+
+    def _account(self, session: StreamSession, scored, needed: int) -> None:
+        m = self.metrics
+        now = time.monotonic()
+        t = session.arrival_time(needed)
+        if t is not None:
+            m.frame_latency.observe(max(0.0, now - t))
+        for sc in scored:
+            n = len(sc.score)
+            m.frames.labels(sc.level).inc(n)
+            hist = m.ood_score.labels(sc.level)
+            for v in sc.score:
+                hist.observe(float(v))
+            flagged = int(np.count_nonzero(sc.ood))
+            if flagged:
+                m.flagged_frames.labels(sc.level).inc(flagged)
+
+    # --- draining ------------------------------------------------------------------------------
+    def abort_all(self, message: str) -> None:
+        for s in list(self._sessions):
+            s.fail(StreamError(grpc.StatusCode.UNAVAILABLE, message))
+
+    # --- Info --------------------------------------------------------------------------------
+    async def Info(self, request, context):
+        return self.info()
+
+    def info(self) -> pb.InfoResponse:
+        import onnxruntime
+
+        m = self.model
+        man = m.manifest
+        cal = man.get("calibration") or {}
+        geo = man["geometry"]
+        resp = pb.InfoResponse(model=str(m.dir.name), method=str(man["method"]), sample_rate=m.sample_rate,
+                               hop=int(geo["hop"]), receptive_field=int(geo["receptive_field"]),
+                               lookahead=int(geo["lookahead"]), providers=providers())
+        for level in m.levels:
+            li = resp.levels.add(name=level, dim=int(m.level_dims[level]), hop_samples=int(m.level_hops[level]),
+                                 has_logvar=bool(m.variational and level != "ar"),
+                                 has_decoder=self.decoders.available(level))
+            c = (cal.get("levels") or {}).get(level)
+            if c:
+                li.calibration.CopyFrom(pb.Calibration(score=c["score"], threshold=float(c["threshold"]),
+                                                       n_ref=int(c.get("n_ref", len(c.get("reference", [])))),
+                                                       fpr=float(cal.get("fpr", 0.0))))
+        resp.versions.update({"server": package_version(), "api": API_VERSION, "onnxruntime": onnxruntime.__version__,
+                              "grpc": grpc.__version__, "numpy": np.__version__,
+                              "model_format": str(man.get("format", "")),
+                              "model_code_version": str(man.get("code_version", "unknown")),
+                              "checkpoint_sha256": str(man.get("checkpoint_sha256", ""))})
+        lim = self.limits
+        resp.limits.CopyFrom(pb.Limits(max_message_bytes=lim.max_message_bytes, max_streams=lim.max_streams,
+                                       max_stream_seconds=lim.max_stream_seconds,
+                                       idle_timeout_seconds=lim.idle_timeout_seconds))
+        return resp
+
+    # --- Decode ------------------------------------------------------------------------------
+    async def Decode(self, request, context):
+        try:
+            audio = await asyncio.get_running_loop().run_in_executor(
+                None, self.decoders.decode, request.level, request.num_frames, request.latents)
+        except StreamError as err:
+            self.metrics.decode_requests.labels(outcome_label(err.code)).inc()
+            await context.abort(err.code, err.message)
+        self.metrics.decode_requests.labels("ok").inc()
+        resp = pb.DecodeResponse(sample_rate=self.model.sample_rate)
+        resp.audio.extend(audio.tolist())
+        return resp

@@ -1,0 +1,95 @@
+"""The server-side state of one StreamEncode call.
+
+Audio arrives on the event loop and waits in `pending` until the batcher hands it to the runtime
+stream between two steps; only the batcher touches the runtime stream, never while a step runs on
+it (so a step in the worker thread never races with a new message). Results go to `out`, which the
+call's writer drains.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import time
+
+import numpy as np
+from grpc import StatusCode
+
+from serve.errors import StreamError
+from train.audio import SAMPLE_RATE
+
+END = object()  # queued after the last response of a stream that finished normally
+_ids = itertools.count(1)
+
+
+class StreamSession:
+    def __init__(self, runtime_stream, levels: tuple[str, ...], return_logvar: bool, encoding: int,
+                 max_samples: int, max_backlog: int):
+        self.id = next(_ids)
+        self.stream = runtime_stream
+        self.encoding = encoding  # sim.v1.AudioEncoding of the audio messages
+        self.levels = levels
+        self.return_logvar = return_logvar
+        self.max_samples = max_samples
+        self.max_backlog = max_backlog  # samples received but not yet processed before reading pauses
+        self.pending: list[np.ndarray] = []
+        self.received = 0  # samples received
+        self.processed = 0  # samples the runtime stream has consumed (stepped through)
+        self.input_closed = False  # client half-closed
+        self.finished_told = False  # runtime stream told input_finished()
+        self.done = False  # all frames produced
+        self.dead = False  # call over (error, cancel, disconnect): the worker drops it
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.room = asyncio.Event()  # set while the backlog allows reading more audio
+        self.room.set()
+        # (samples received so far, arrival time) per audio message, for the frame latency metric
+        self._counts: list[int] = []
+        self._times: list[float] = []
+        self.close_time: float | None = None
+
+    # --- event-loop side -------------------------------------------------------------------
+    def add_audio(self, samples: np.ndarray, now: float | None = None) -> None:
+        n = int(samples.shape[0])
+        if n == 0:
+            return
+        if self.received + n > self.max_samples:
+            raise StreamError(StatusCode.OUT_OF_RANGE,
+                              f"stream exceeds the limit of {self.max_samples} samples "
+                              f"({self.max_samples / SAMPLE_RATE:g} s); start a new stream")
+        self.pending.append(samples)
+        self.received += n
+        self._counts.append(self.received)
+        self._times.append(time.monotonic() if now is None else now)
+        if self.backlog() > self.max_backlog:
+            self.room.clear()
+
+    def close_input(self, now: float | None = None) -> None:
+        self.input_closed = True
+        self.close_time = time.monotonic() if now is None else now
+
+    def backlog(self) -> int:
+        return self.received - self.processed
+
+    def fail(self, error: StreamError) -> None:
+        if not self.dead:
+            self.dead = True
+            self.out.put_nowait(error)
+
+    def arrival_time(self, needed: int) -> float | None:
+        """When the message that brought the stream to `needed` samples arrived (the half-close
+        time if the frame needed the end of the stream); forgets older messages."""
+        if needed > self.received:
+            return self.close_time
+        i = bisect.bisect_left(self._counts, needed)
+        t = self._times[i] if i < len(self._times) else None
+        if i > 0:  # earlier messages are never needed again: frames complete in order
+            del self._counts[:i], self._times[:i]
+        return t
+
+    # --- worker side (event loop, between steps) -------------------------------------------
+    def take_pending(self) -> np.ndarray | None:
+        if not self.pending:
+            return None
+        audio = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        self.pending = []
+        return audio
