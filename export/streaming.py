@@ -26,6 +26,22 @@ from train.audio import CONV_LAYERS, HOP
 from train.model import Encoder, kl_to_standard_normal
 
 
+def conv1d_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1) -> torch.Tensor:
+    """F.conv1d(x, weight, bias, stride) (no padding) as k strided slices and one MatMul.
+
+    onnxruntime's Conv runs one small GEMM per batch row (N = a few output frames); as a MatMul
+    the batch folds into the GEMM's rows, 2-3x faster for batches of 8 and more on the CPU."""
+    c_out, c_in, k = weight.shape
+    n = (x.shape[2] - k) // stride + 1
+    xt = x.transpose(1, 2)  # (B, L, C_in)
+    taps = [xt[:, t:t + stride * (n - 1) + 1:stride, :] for t in range(k)]
+    u = torch.cat(taps, dim=2) if k > 1 else taps[0]  # (B, n, k * C_in)
+    y = torch.matmul(u, weight.permute(2, 1, 0).reshape(k * c_in, c_out))
+    if bias is not None:
+        y = y + bias
+    return y.transpose(1, 2)  # (B, C_out, n)
+
+
 def level_dims_of(encoder: Encoder) -> dict[str, int]:
     d = encoder.dims
     return {level: (d.hidden if level == "ar" else d.channels) for level in d.levels}
@@ -86,7 +102,7 @@ class _StreamingBase(nn.Module):
             buf = torch.cat([caches[i], x], dim=2)
             if self.flush:
                 buf = F.pad(buf, (0, p))  # this layer's right padding
-            y = torch.relu(F.conv1d(buf, conv.weight, conv.bias, stride=s))
+            y = torch.relu(conv1d_matmul(buf, conv.weight, conv.bias, stride=s))
             idx = torch.arange(n_out, dtype=torch.float32)
             valid = idx.unsqueeze(0) >= (1.0 - started)  # drops the phantom of a first step
             if self.flush:
@@ -97,8 +113,9 @@ class _StreamingBase(nn.Module):
                 new_caches.append(buf[:, :, n_out * s:])
             if level is not None:
                 module = self.encoder.convs[level]
-                mu = module.mu(y)
-                logvar = module.logvar(y) if module.logvar is not None else None
+                mu = conv1d_matmul(y, module.mu.weight, module.mu.bias)
+                logvar = (conv1d_matmul(y, module.logvar.weight, module.logvar.bias)
+                          if module.logvar is not None else None)
                 levels[level] = (mu, logvar, valid)
                 y = mu  # the next module consumes the posterior mean (inference is deterministic)
             x = y * valid.unsqueeze(1).to(y.dtype)

@@ -139,15 +139,44 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                              max_samples=int(self.limits.max_stream_seconds * sr),
                              max_backlog=int(self.limits.max_backlog_seconds * sr))
 
+    def _watch_idle(self, session: StreamSession) -> None:
+        """End the stream with OUT_OF_RANGE once the client has sent nothing for the idle limit.
+
+        One timer per idle period instead of a timeout per message; time the server itself
+        pauses reading (backpressure) does not count."""
+        idle = self.limits.idle_timeout_seconds
+        if idle <= 0:
+            return
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if session.dead or session.input_closed:
+                return
+            quiet = loop.time() - session.last_message
+            if not session.room.is_set():
+                session.last_message = loop.time()
+            elif quiet >= idle:
+                session.fail(StreamError(grpc.StatusCode.OUT_OF_RANGE,
+                                         f"idle too long: no audio message for {idle:g} s"))
+                return
+            loop.call_later(max(0.01, idle - quiet), check)
+
+        session.last_message = loop.time()
+        loop.call_later(idle, check)
+
     async def _read(self, ait, session: StreamSession) -> None:
         """Reader task: audio messages into the session until half-close or an error."""
+        loop = asyncio.get_running_loop()
+        self._watch_idle(session)
         try:
             while True:
-                req = await self._next(ait, "audio")
-                if req is None:
+                try:
+                    req = await ait.__anext__()
+                except StopAsyncIteration:
                     session.close_input()
                     self.batcher.notify()
                     return
+                session.last_message = loop.time()
                 kind = req.WhichOneof("request")
                 if kind == "config":
                     raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "config sent twice: only the first "
@@ -179,9 +208,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         for sc in scored:
             n = len(sc.score)
             m.frames.labels(sc.level).inc(n)
-            hist = m.ood_score.labels(sc.level)
-            for v in sc.score:
-                hist.observe(float(v))
+            m.ood_score.observe_many(sc.level, sc.score)
             flagged = int(np.count_nonzero(sc.ood))
             if flagged:
                 m.flagged_frames.labels(sc.level).inc(flagged)

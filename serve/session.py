@@ -46,6 +46,7 @@ class StreamSession:
         self._counts: list[int] = []
         self._times: list[float] = []
         self.close_time: float | None = None
+        self.last_message = 0.0  # event-loop time of the last message (idle limit)
 
     # --- event-loop side -------------------------------------------------------------------
     def add_audio(self, samples: np.ndarray, now: float | None = None) -> None:

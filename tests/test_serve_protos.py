@@ -33,3 +33,4 @@ def test_server_and_clients_never_import_torch():
             "assert 'sounddevice' not in sys.modules  # only clients.mic imports it, and only when recording\n")
     proc = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+

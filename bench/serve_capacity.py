@@ -1,0 +1,247 @@
+"""Serving capacity: the most concurrent real-time streams the server holds with p99 frame latency <= 50 ms.
+
+    python bench/serve_capacity.py [--streams 4 8 12 16 20] [--seconds 10] [--levels all|m3,ar]
+
+Exports a FULL-size SIM encoder (512 channels, GRU 256; random weights, so the numbers are the
+model's cost, not its quality) once into --cache, starts `python -m serve` on a loopback port,
+and for each stream count runs that many clients in one asyncio process, each sending one
+160-sample message every 10 ms, paced like a live microphone (starts spread over one hop).
+Frame latency: from sending the message that holds a top-level frame's last sample (frame f
+needs samples up to 160 f + 252, i.e. message f + 1) to receiving that frame. The first second
+of every stream is warm-up and not counted. A count passes when p99 <= --p99-ms and every
+stream ended cleanly. After the listed counts it searches one by one above the best passing
+count (--refine) and prints a markdown table and the result.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from protos.sim.v1 import sim_pb2 as pb  # noqa: E402
+from protos.sim.v1 import sim_pb2_grpc as pb_grpc  # noqa: E402
+from train.audio import HOP, SAMPLE_RATE  # noqa: E402
+
+WARMUP_S = 1.0
+
+
+def prepare_model(cache: Path) -> Path:
+    """Full-size random SIM encoder exported to cache/model (once); calibration on a small corpus."""
+    out = cache / "model"
+    if (out / "manifest.json").is_file():
+        return out
+    import torch
+
+    from train.checkpoint import encoder_checkpoint, save_atomic
+    from train.corpus import TEST_VOICE, build_corpus, word_split
+    from train.model import Encoder, ModelDims
+
+    cache.mkdir(parents=True, exist_ok=True)
+    corpus = cache / "corpus"
+    if not (corpus / "corpus.json").is_file():
+        train_words, test_words = word_split(0)
+        build_corpus(corpus, seed=0, words=list(train_words[:10]) + list(test_words[:10]), voices=("sw",),
+                     test_voice=TEST_VOICE, progress=False)
+    torch.manual_seed(0)
+    ckpt = cache / "ckpt.pt"
+    save_atomic(encoder_checkpoint(Encoder(ModelDims("sim", 512, 256)), {"method": "sim", "beta": 0.0033}), ckpt)
+    print(f"exporting a full-size random SIM encoder to {out} ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "export.onnx", str(ckpt), "--out", str(out), "--corpus", str(corpus),
+                    "--calibration-clips", "10", "--skip-verify"], cwd=ROOT, check=True)
+    return out
+
+
+def speech_audio(cache: Path, seconds: float) -> np.ndarray:
+    """Real synthesised speech from the bench corpus, looped to `seconds`."""
+    import soundfile as sf
+
+    from train.corpus import load_corpus
+
+    parts = [sf.read(u.path, dtype="float32")[0] for u in load_corpus(cache / "corpus")[:10]]
+    audio = np.concatenate(parts)
+    reps = int(np.ceil(seconds * SAMPLE_RATE / len(audio)))
+    return np.tile(audio, reps)[: int(seconds * SAMPLE_RATE)]
+
+
+class Server:
+    def __init__(self, model: Path, extra: list[str]):
+        cmd = [sys.executable, "-m", "serve", "--model", str(model), "--port", "0", "--metrics-port", "0",
+               "--max-streams", "1000", "--log-level", "warning", *extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "SIM_ORT_PROVIDER": os.environ.get("SIM_ORT_PROVIDER", "cpu")})
+        self.port = self.metrics_port = None
+        while self.port is None or self.metrics_port is None:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the server did not start")
+            if m := re.match(r"listening on [^ ]+:(\d+) ", line):
+                self.port = int(m.group(1))
+            if m := re.match(r"metrics on http://[^ ]+:(\d+)/", line):
+                self.metrics_port = int(m.group(1))
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]) -> dict:
+    import grpc
+
+    chunks = [pb.StreamEncodeRequest(audio=audio[i:i + HOP].astype("<f4").tobytes())
+              for i in range(0, len(audio) - HOP + 1, HOP)]
+    config = pb.StreamEncodeRequest(config=pb.StreamConfig(sample_rate=SAMPLE_RATE, encoding=pb.FLOAT32,
+                                                           levels=levels))
+    latencies: list[float] = []
+    errors: list[str] = []
+    warm_frames = int(WARMUP_S * SAMPLE_RATE / HOP)
+    top = "m3" if "m3" in levels or not levels else levels[-1]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.SimEncoderStub(channel)
+        await channel.channel_ready()
+        t0 = time.perf_counter() + 0.2
+        offsets = [random.Random(i).uniform(0, HOP / SAMPLE_RATE) for i in range(n)]
+
+        async def one(i: int) -> None:
+            sent = [0.0] * len(chunks)
+            start = t0 + offsets[i]
+
+            async def requests():
+                yield config
+                for j, req in enumerate(chunks):
+                    due = start + (j + 1) * HOP / SAMPLE_RATE  # when message j's last sample was recorded
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    sent[j] = time.perf_counter()
+                    yield req
+
+            try:
+                async for resp in stub.StreamEncode(requests()):
+                    now = time.perf_counter()
+                    for f in resp.frames:
+                        if f.level == top and f.index >= warm_frames:
+                            j = (HOP * f.index + 252) // HOP  # the message holding the frame's last sample
+                            if j < len(chunks):
+                                latencies.append(now - sent[j])
+            except grpc.aio.AioRpcError as exc:
+                errors.append(f"{exc.code().name}: {exc.details()}")
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    lat = np.asarray(latencies) * 1000.0
+    return {"streams": n, "frames": int(lat.size), "errors": errors,
+            **{f"p{q}_ms": float(np.percentile(lat, q)) if lat.size else float("nan") for q in (50, 90, 99)},
+            "max_ms": float(lat.max()) if lat.size else float("nan")}
+
+
+def measure(server: Server, n: int, audio: np.ndarray, levels: list[str], p99_ms: float) -> dict:
+    b_sum, b_cnt = server.metric("sim_batch_size_sum"), server.metric("sim_batch_size_count")
+    cpu0, scpu0 = os.times(), server.cpu_seconds()
+    r = asyncio.run(run_streams(f"127.0.0.1:{server.port}", n, audio, levels))
+    cpu1, scpu1 = os.times(), server.cpu_seconds()
+    r["client_cpu_s"] = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    r["server_cpu_s"] = scpu1 - scpu0
+    # CPU seconds (server + client) per second of one stream's audio: 2 cores / this = a compute bound
+    r["cpu_per_stream"] = (r["server_cpu_s"] + r["client_cpu_s"]) / (n * len(audio) / SAMPLE_RATE)
+    db = server.metric("sim_batch_size_count") - b_cnt
+    r["mean_batch"] = (server.metric("sim_batch_size_sum") - b_sum) / db if db else float("nan")
+    r["pass"] = not r["errors"] and r["frames"] > 0 and r["p99_ms"] <= p99_ms
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--model", help="exported model directory (default: a full-size random one in --cache)")
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "serve_bench"), help="where the benchmark model lives")
+    ap.add_argument("--streams", type=int, nargs="+", default=[4, 8, 12, 16, 20], help="stream counts to run")
+    ap.add_argument("--refine", action="store_true", help="then try counts one by one above the best passing one")
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio per stream (default %(default)s)")
+    ap.add_argument("--levels", default="all", help="levels the clients ask for: all, or e.g. m3,ar")
+    ap.add_argument("--p99-ms", type=float, default=50.0, help="latency bound (default %(default)s)")
+    ap.add_argument("--server-args", default="", help="more options for python -m serve, e.g. '--threads 1'")
+    ap.add_argument("--json", help="also write the results as JSON here")
+    args = ap.parse_args()
+
+    cache = Path(args.cache)
+    model = Path(args.model) if args.model else prepare_model(cache)
+    if not args.model:
+        audio = speech_audio(cache, args.seconds)
+    else:
+        audio = (0.1 * np.random.default_rng(0).standard_normal(int(args.seconds * SAMPLE_RATE))).astype(np.float32)
+    levels = [] if args.levels == "all" else [lv for lv in args.levels.split(",") if lv]
+    manifest = json.loads((model / "manifest.json").read_text())
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    header = (f"# serve capacity, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} cores; "
+              f"model {manifest['method']} {manifest['dims']['channels']} ch / GRU {manifest['dims']['hidden']}; "
+              f"levels {args.levels}; {args.seconds:g} s per stream; p99 bound {args.p99_ms:g} ms; "
+              f"server options: {args.server_args or 'defaults'}")
+    print(header, flush=True)
+    print("| streams | frames | p50 ms | p90 ms | p99 ms | max ms | mean batch | server CPU s | client CPU s "
+          "| CPU s per stream-s | result |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    server = Server(model, shlex.split(args.server_args))
+    results = []
+
+    def run(n: int) -> dict:
+        r = measure(server, n, audio, levels, args.p99_ms)
+        results.append(r)
+        verdict = "pass" if r["pass"] else ("errors: " + "; ".join(sorted(set(r["errors"])))[:80] if r["errors"]
+                                            else "fail")
+        print(f"| {n} | {r['frames']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} "
+              f"| {r['mean_batch']:.1f} | {r['server_cpu_s']:.1f} | {r['client_cpu_s']:.1f} | {r['cpu_per_stream']:.3f} "
+              f"| {verdict} |", flush=True)
+        return r
+
+    try:
+        run(1)  # warm-up: first sessions, arena growth
+        results.clear()
+        for n in sorted(set(args.streams)):
+            run(n)
+        if args.refine:
+            best = max((r["streams"] for r in results if r["pass"]), default=0)
+            n = best + 1
+            while all(r["streams"] != n or r["pass"] for r in results):
+                if any(r["streams"] == n for r in results):
+                    n += 1
+                    continue
+                if not run(n)["pass"]:
+                    break
+                n += 1
+    finally:
+        server.stop()
+    best = max((r["streams"] for r in results if r["pass"]), default=0)
+    print(f"\nmost real-time streams with p99 <= {args.p99_ms:g} ms: {best}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "results": results, "best": best}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
