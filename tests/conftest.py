@@ -87,3 +87,11 @@ def audio_dir_factory(tmp_path):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory, small_corpus):
+    """(exported model dir, checkpoint) of a small random SIM encoder, shared by the service and client tests."""
+    from serve_support import model_dir
+
+    return model_dir(tmp_path_factory.getbasetemp(), small_corpus)

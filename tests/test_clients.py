@@ -14,13 +14,8 @@ import soundfile as sf
 from clients.encoding import flagged_stretches
 from clients.monitor import DirectoryWatcher, RollingRate
 from clients.view import level_meter, ood_timeline, sparkline
-from serve_support import PY, ROOT, ServerProcess, metric_value, model_dir, offline, wait_for
+from serve_support import PY, ROOT, ServerProcess, metric_value, offline, wait_for
 from train.corpus import load_corpus
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, small_corpus):
-    return model_dir(tmp_path_factory.getbasetemp(), small_corpus)
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,12 @@ from clients.connection import Connection
 from clients.encoding import FrameCollector, audio_request, config_request, file_requests
 from protos.sim.v1 import sim_pb2 as pb
 from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-from serve_support import ServerProcess, model_dir, offline, wait_for
+from serve_support import ServerProcess, offline, wait_for
 from train.audio import level_frames
 from train.corpus import load_corpus
 
 TOL = 1e-4
 LEVELS = ("m1", "m2", "m3", "ar")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, small_corpus):
-    return model_dir(tmp_path_factory.getbasetemp(), small_corpus)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients.encoding import FrameCollector, audio_request, config_request, file_requests
 from protos.sim.v1 import sim_pb2 as pb
 from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-from serve_support import PY, ROOT, ServerProcess, model_dir, offline, self_signed_cert, wait_for
+from serve_support import PY, ROOT, ServerProcess, offline, self_signed_cert, wait_for
 from train.corpus import load_corpus
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, small_corpus):
-    return model_dir(tmp_path_factory.getbasetemp(), small_corpus)
 
 
 @pytest.fixture(scope="module")
