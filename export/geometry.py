@@ -60,10 +60,11 @@ def levels(method: str) -> tuple[str, ...]:
 
 
 def state_spec(channels: int, hidden: int) -> list[dict]:
-    """Streaming state tensors, shapes without the batch axis. Zero is the initial value of each."""
+    """Streaming state tensors, shapes without the batch axis. Zero is the initial value of each.
+    Conv caches are time-major: (frames, channels)."""
     spec = []
     for i, c in enumerate(cache_sizes()):
-        spec.append({"name": f"cache_{i}", "shape": [1 if i == 0 else channels, c], "dtype": "float32"})
+        spec.append({"name": f"cache_{i}", "shape": [c, 1 if i == 0 else channels], "dtype": "float32"})
     spec.append({"name": "gru_h", "shape": [hidden], "dtype": "float32"})
     spec.append({"name": "started", "shape": [1], "dtype": "float32"})
     return spec

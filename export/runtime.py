@@ -16,14 +16,17 @@ Per stream (sherpa-onnx style):
     s.pop_frames() -> {level: {"index", "mu", "logvar"?, "kl"?, "maha"}}
     encode_streaming(model, audio, chunk_sizes) -> {"m1": (n, C), ..., "kl_m1": (n,), ...}
 
-Batches are padded to the next power of two (1, 2, 4, ... streams) so onnxruntime sees a few
-fixed shapes and its memory arena stops growing.
+Batches are padded to a few sizes (1, 2, 4, 8, then multiples of 4) so onnxruntime sees a few
+fixed shapes and its memory arena stops growing. The recurrent state of every open stream lives in
+one row of a shared pool (one array per state tensor), so a batched step gathers and scatters
+each tensor once instead of stacking and splitting per stream.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -65,17 +68,26 @@ def providers() -> list[str]:
         return list(_providers_cache)
 
 
-def make_session(path: str | Path, intra_op_threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime session for one graph on providers()."""
+def make_session(path: str | Path, intra_op_threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
+    """An onnxruntime session for one graph on providers().
+
+    spin=False stops the intra-op threads from busy-waiting: less CPU burnt while idle, but on a
+    small VM every parallel section then pays a thread wake-up (measured: worse tail latency for
+    the server, docs/benchmarks.md), so spinning stays the default."""
     opts = ort.SessionOptions()
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=providers())
 
 
 def bucket(n: int) -> int:
-    """Padded batch size: the next power of two >= n."""
-    return 1 << max(0, int(n) - 1).bit_length()
+    """Padded batch size: the next power of two >= n up to 8, then the next multiple of 4 (padding
+    12 streams to 16 would spend a quarter of the step on zeros)."""
+    n = int(n)
+    return 1 << max(0, n - 1).bit_length() if n <= 8 else -(-n // 4) * 4
 
 
 def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
@@ -88,10 +100,56 @@ def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int
     return {n: r[:batch] for n, r in zip(names, results)}
 
 
+class _StatePool:
+    """The recurrent state of every open stream: row r of each array belongs to one stream.
+
+    Row 0 is never handed out and stays zero: it pads batches up to their bucket. A lock guards
+    the arrays, because streams are opened and closed on other threads than the one stepping."""
+
+    def __init__(self, spec: list[dict], capacity: int = 16):
+        self.lock = threading.Lock()
+        self.arrays = {s["name"]: np.zeros((capacity, *s["shape"]), dtype=s["dtype"]) for s in spec}
+        self.free = list(range(capacity - 1, 0, -1))
+
+    def acquire(self) -> int:
+        with self.lock:
+            if not self.free:
+                capacity = next(iter(self.arrays.values())).shape[0]
+                self.arrays = {k: np.concatenate([a, np.zeros_like(a)]) for k, a in self.arrays.items()}
+                self.free = list(range(2 * capacity - 1, capacity - 1, -1))
+            row = self.free.pop()
+            for a in self.arrays.values():
+                a[row] = 0
+            return row
+
+    def release(self, row: int) -> None:
+        with self.lock:
+            self.free.append(row)
+
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            return {k: a.take(rows, axis=0) for k, a in self.arrays.items()}
+
+    def scatter(self, streams: Sequence["Stream"], rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """values[k][:len(streams)] -> the streams' rows, skipping streams closed meanwhile (their
+        row may already belong to a new stream)."""
+        n = len(streams)
+        with self.lock:
+            open_ = [i for i, s in enumerate(streams) if s._finalizer.alive]
+            if len(open_) != n:
+                rows, pick = rows[open_], np.asarray(open_, dtype=np.intp)
+                values = {k: v[pick] for k, v in values.items()}
+            else:
+                values = {k: v[:n] for k, v in values.items()}
+            for k, a in self.arrays.items():
+                a[rows] = values[k]
+
+
 class StreamingModel:
     """The step and flush graphs of an exported model directory, and its manifest."""
 
-    def __init__(self, model_dir: str | Path, verify: bool = True, intra_op_threads: int | None = None):
+    def __init__(self, model_dir: str | Path, verify: bool = True, intra_op_threads: int | None = None,
+                 spin: bool = True):
         self.manifest = load_manifest(model_dir, verify=verify)
         self.dir = Path(self.manifest["dir"])
         self.levels: list[str] = list(self.manifest["levels"])
@@ -104,8 +162,11 @@ class StreamingModel:
         self.state_names = [s["name"] for s in self.state_spec]
         self.variational: bool = bool(self.manifest.get("variational", self.manifest["method"] == "sim"))
         self.calibration: dict = self.manifest["calibration"]
-        self._step = make_session(self.dir / "step.onnx", intra_op_threads)
-        self._flush = make_session(self.dir / "flush.onnx", intra_op_threads)
+        self._step = make_session(self.dir / "step.onnx", intra_op_threads, spin)
+        self._flush = make_session(self.dir / "flush.onnx", intra_op_threads, spin)
+        self._step_names = [o.name for o in self._step.get_outputs()]
+        self._flush_names = [o.name for o in self._flush.get_outputs()]
+        self._pool = _StatePool(self.state_spec)
 
     @property
     def active_providers(self) -> list[str]:
@@ -177,30 +238,76 @@ class StreamingModel:
         """Batched steps over every stream with a hop ready, repeated until none has one; then one
         batched flush over the streams whose input is finished. Returns the number of graph runs."""
         streams = list({id(s): s for s in streams}.values())
-        for s in streams:
-            if s.model is not self:
-                raise ValueError("a stream of another model was passed to decode_streams")
-        runs = 0
+        if any(s.model is not self for s in streams):
+            raise ValueError("a stream of another model was passed to decode_streams")
+        streams = [s for s in streams if not s.flushed and s._finalizer.alive]  # complete or closed: nothing to do
+        hop, runs = self.hop, 0
         while True:
-            ready = [s for s in streams if s.ready_hops > 0]
+            ready = [s for s in streams if s._buffered >= hop]
             if not ready:
                 break
-            audio = np.stack([s._take_hop() for s in ready])
-            outputs, state = self.step(audio, self.stack_states([s.state for s in ready]))
-            for i, (s, st) in enumerate(zip(ready, self.split_state(state))):
-                s.state = st
-                s._collect(outputs, i)
+            rows, padded = self._rows(ready)
+            audio = np.zeros((padded, hop), np.float32)
+            for i, s in enumerate(ready):
+                audio[i] = s._take(hop)
+            results = dict(zip(self._step_names, self._step.run(self._step_names, {
+                "audio": audio, **self._pool.gather(rows)})))
+            self._pool.scatter(ready, rows[:len(ready)], {k: results[f"next_{k}"] for k in self.state_names})
+            self._collect(ready, results)
             runs += 1
-        ending = [s for s in streams if s.finished and not s.flushed and s.ready_hops == 0]
+        ending = [s for s in streams if s.finished and s._buffered < hop]
         if ending:
-            tails, lens = zip(*(s._take_tail() for s in ending))
-            outputs = self.flush(np.stack(tails), np.array(lens, np.int64),
-                                 self.stack_states([s.state for s in ending]))
+            rows, padded = self._rows(ending)
+            tails = np.zeros((padded, hop), np.float32)
+            lens = np.zeros(padded, np.int64)
             for i, s in enumerate(ending):
-                s._collect(outputs, i)
+                if s._buffered:
+                    data = s._take(s._buffered)
+                    tails[i, :data.size] = data
+                    lens[i] = data.size
+            results = dict(zip(self._flush_names, self._flush.run(self._flush_names, {
+                "tail": tails, "tail_len": lens, **self._pool.gather(rows)})))
+            self._collect(ending, results)
+            for s in ending:
                 s.flushed = True
+                s.close()  # the state after a flush is terminal: its row goes back to the pool
             runs += 1
         return runs
+
+    def _rows(self, streams: list["Stream"]) -> tuple[np.ndarray, int]:
+        """The streams' pool rows, padded with the zero row 0 to the batch bucket."""
+        padded = bucket(len(streams))
+        rows = np.zeros(padded, np.intp)
+        rows[:len(streams)] = [s._row for s in streams]
+        return rows, padded
+
+    def _collect(self, streams: list["Stream"], outputs: dict[str, np.ndarray]) -> None:
+        """Each stream's valid frames of one graph run into its pending frames (views where a row
+        is entirely valid, which is every steady-state step)."""
+        per_stream: list[dict[str, dict]] = [{} for _ in streams]
+        for level in self.levels:
+            valid = outputs[f"valid_{level}"]
+            width = valid.shape[1]
+            counts = valid[:len(streams)].sum(axis=1).tolist()
+            arrays = [(key, outputs[f"{key}_{level}"]) for key in ("mu", "logvar", "kl", "maha")
+                      if f"{key}_{level}" in outputs]
+            for i, (s, n) in enumerate(zip(streams, counts)):
+                if n == 0:
+                    continue
+                if n == width:
+                    frame = {key: a[i] for key, a in arrays}
+                else:
+                    mask = valid[i]
+                    frame = {key: a[i][mask] for key, a in arrays}
+                start = s._emitted[level]
+                frame["index"] = np.arange(start, start + n, dtype=np.int64)
+                s._emitted[level] = start + n
+                per_stream[i][level] = frame
+        for s, frames in zip(streams, per_stream):
+            if frames:
+                with s._lock:
+                    for level, frame in frames.items():
+                        s._pending[level].append(frame)
 
 
 class Stream:
@@ -213,7 +320,9 @@ class Stream:
     def __init__(self, model: StreamingModel):
         self.model = model
         self._lock = threading.Lock()
-        self.state = model.initial_state(1)
+        self._row = model._pool.acquire()
+        # gives the state row back once: on close(), after the flush, or when the stream is collected
+        self._finalizer = weakref.finalize(self, model._pool.release, self._row)
         self._chunks: list[np.ndarray] = []
         self._buffered = 0
         self.samples_received = 0
@@ -221,6 +330,17 @@ class Stream:
         self.flushed = False  # the end has been decoded; the stream is complete
         self._emitted = {level: 0 for level in model.levels}
         self._pending: dict[str, list[dict]] = {level: [] for level in model.levels}
+
+    def close(self) -> None:
+        """Give the stream's state back to the model (idempotent). A closed stream cannot be decoded."""
+        self._finalizer()
+
+    @property
+    def state(self) -> dict[str, np.ndarray] | None:
+        """A copy of the stream's recurrent state (batch of one); None once closed or flushed."""
+        if not self._finalizer.alive:
+            return None
+        return self.model._pool.gather(np.array([self._row], np.intp))
 
     def accept_waveform(self, samples: np.ndarray) -> None:
         """Append mono float32 samples at the model's sample rate (any number)."""
@@ -253,32 +373,6 @@ class Stream:
             self._chunks = [rest] if rest.size else []
             self._buffered = rest.size
         return head
-
-    def _take_hop(self) -> np.ndarray:
-        return self._take(self.model.hop)
-
-    def _take_tail(self) -> tuple[np.ndarray, int]:
-        data = self._take(self._buffered) if self._buffered else np.zeros(0, np.float32)
-        if data.size >= self.model.hop:
-            raise AssertionError("flush with a full hop buffered")
-        tail = np.zeros(self.model.hop, np.float32)
-        tail[:data.size] = data
-        return tail, data.size
-
-    def _collect(self, outputs: dict[str, np.ndarray], row: int) -> None:
-        for level in self.model.levels:
-            valid = outputs[f"valid_{level}"][row]
-            n = int(valid.sum())
-            if n == 0:
-                continue
-            frame = {"index": np.arange(self._emitted[level], self._emitted[level] + n, dtype=np.int64)}
-            for key in ("mu", "logvar", "kl", "maha"):
-                name = f"{key}_{level}"
-                if name in outputs:
-                    frame[key] = outputs[name][row][valid]
-            self._emitted[level] += n
-            with self._lock:
-                self._pending[level].append(frame)
 
     @property
     def has_frames(self) -> bool:

@@ -20,6 +20,9 @@ class Mahalanobis(nn.Module):
             raise ValueError(f"whitening matrix {whitening.shape} does not fit mean {mean.shape}")
         self.register_buffer("mean", torch.from_numpy(mean.copy()))
         self.register_buffer("whitening_t", torch.from_numpy(whitening.T.copy()))
+        # W (mu - mean) = W mu - W mean: one Gemm with a bias instead of a Sub and a MatMul
+        self.register_buffer("shift", torch.from_numpy((-(whitening.astype(np.float64) @ mean.astype(np.float64)))
+                                                       .astype(np.float32)))
 
     @classmethod
     def identity(cls, dim: int) -> "Mahalanobis":
@@ -28,7 +31,11 @@ class Mahalanobis(nn.Module):
 
     def forward(self, mu: torch.Tensor) -> torch.Tensor:
         """mu: (..., C) -> (...)"""
-        return ((mu - self.mean) @ self.whitening_t).pow(2).sum(-1)
+        if mu.dim() == 3:  # (B, n, C), the streaming graphs
+            z = torch.addmm(self.shift, mu.reshape(-1, mu.shape[-1]), self.whitening_t).reshape(-1, mu.shape[1], self.shift.shape[0])
+        else:
+            z = (mu - self.mean) @ self.whitening_t
+        return (z * z).sum(-1)
 
 
 def make_scorers(level_dims: dict[str, int], gaussians: dict[str, tuple[np.ndarray, np.ndarray]] | None

@@ -59,6 +59,7 @@ class Batcher:
     def remove(self, session: StreamSession) -> None:
         session.dead = True
         self.sessions.pop(session.id, None)
+        session.stream.close()  # its state row goes back to the model's pool
 
     def notify(self) -> None:
         self._wake.set()

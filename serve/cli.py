@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a stream may send nothing before it ends with OUT_OF_RANGE (0: no limit) (default %(default)s)")
     ap.add_argument("--drain-grace", type=float, default=30.0, help="seconds open streams get to finish on SIGTERM (default %(default)s)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: one per core)")
+    ap.add_argument("--no-spin", dest="spin", action="store_false",
+                    help="stop onnxruntime's threads from busy-waiting: saves about a core while idle, but costs "
+                         "tail latency under load (default: spinning on)")
     ap.add_argument("--batch-wait-ms", type=float, default=0.0,
                     help="when audio arrives, wait this long for other streams before running a batch (default %(default)s)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ServerOptions(
         model_dir=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, drain_grace_seconds=args.drain_grace,
-        threads=args.threads, batch_wait_s=args.batch_wait_ms / 1000.0,
+        threads=args.threads, spin=args.spin, batch_wait_s=args.batch_wait_ms / 1000.0,
         limits=Limits(max_message_bytes=args.max_message_bytes, max_streams=args.max_streams,
                       max_stream_seconds=args.max_stream_seconds, idle_timeout_seconds=args.idle_timeout))
     try:

@@ -14,13 +14,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos.sim.v1 import sim_pb2 as pb
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc
 from serve.auth import TokenInterceptor
 from serve.batcher import Batcher
 from serve.decoders import DecoderBank
 from serve.frames import FrameBuilder
 from serve.metrics import Metrics
-from serve.servicer import Limits, SimEncoderServicer
+from serve.servicer import Limits, SimEncoderServicer, add_servicer
 
 log = logging.getLogger("serve")
 
@@ -39,6 +38,7 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     drain_grace_seconds: float = 30.0
     threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime's default)
+    spin: bool = True  # onnxruntime's threads busy-wait between steps (lower tail latency; a core when idle)
     max_hops_per_tick: int = 8
     batch_wait_s: float = 0.0
 
@@ -50,7 +50,8 @@ class Server:
         from export.runtime import StreamingModel, providers
 
         self.opts = opts
-        self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=opts.threads)
+        self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=opts.threads,
+                                    spin=opts.spin)
         self.metrics = Metrics()
         self.decoders = DecoderBank(self.model.dir, self.model.manifest, self.model.level_dims, providers())
         self.builder = FrameBuilder(self.model.manifest, self.model.level_hops)
@@ -73,7 +74,7 @@ class Server:
             ("grpc.max_send_message_length", max(limit, 64 << 20)),
             ("grpc.so_reuseport", 0),
         ])
-        pb_grpc.add_SimEncoderServicer_to_server(self.servicer, self._server)
+        add_servicer(self.servicer, self._server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

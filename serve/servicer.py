@@ -42,6 +42,30 @@ def package_version() -> str:
         return "unknown"
 
 
+def _serialize_response(resp) -> bytes:
+    """StreamEncode responses arrive already serialised (serve.wire); anything else is a message."""
+    return resp if isinstance(resp, bytes) else resp.SerializeToString()
+
+
+def add_servicer(servicer: "SimEncoderServicer", server) -> None:
+    """Register the service like the generated add_SimEncoderServicer_to_server, except that
+    StreamEncode writes pre-serialised bytes."""
+    handlers = {
+        "StreamEncode": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamEncode, request_deserializer=pb.StreamEncodeRequest.FromString,
+            response_serializer=_serialize_response),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=pb.InfoRequest.FromString,
+            response_serializer=pb.InfoResponse.SerializeToString),
+        "Decode": grpc.unary_unary_rpc_method_handler(
+            servicer.Decode, request_deserializer=pb.DecodeRequest.FromString,
+            response_serializer=pb.DecodeResponse.SerializeToString),
+    }
+    name = pb.DESCRIPTOR.services_by_name["SimEncoder"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
 class SimEncoderServicer(pb_grpc.SimEncoderServicer):
     def __init__(self, model, batcher: Batcher, decoders: DecoderBank, metrics: Metrics, limits: Limits):
         self.model = model
@@ -82,8 +106,23 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                 if isinstance(item, StreamError):
                     raise item
                 resp, scored, needed = item
+                # responses queued meanwhile go out in the same write (serialised responses concatenate
+                # into one): under load a stream gets fewer, larger messages instead of falling behind
+                after = None
+                while not session.out.empty():
+                    nxt = session.out.get_nowait()
+                    if nxt is END or isinstance(nxt, StreamError):
+                        after = nxt
+                        break
+                    resp += nxt[0]
+                    scored = scored + nxt[1]
+                    needed = nxt[2]
                 await context.write(resp)
                 self._account(session, scored, needed)
+                if after is END:
+                    break
+                if after is not None:
+                    raise after
             code = grpc.StatusCode.OK
         except StreamError as err:
             code = err.code

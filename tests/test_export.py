@@ -52,7 +52,7 @@ def test_sim_export_writes_every_graph_and_a_complete_manifest(exported):
         (16000, 160, 465, 212, 93, 160)
     assert g["level_hops"] == {"m1": 20, "m2": 80, "m3": 160, "ar": 160}
     assert [(s["name"], s["shape"]) for s in g["state"]] == [
-        ("cache_0", [1, 7]), ("cache_1", [32, 5]), ("cache_2", [32, 3]), ("cache_3", [32, 3]), ("cache_4", [32, 2]),
+        ("cache_0", [7, 1]), ("cache_1", [5, 32]), ("cache_2", [3, 32]), ("cache_3", [3, 32]), ("cache_4", [2, 32]),
         ("gru_h", [16]), ("started", [1])]
     assert m["levels"] == ["m1", "m2", "m3", "ar"]
     assert m["level_dims"] == {"m1": 32, "m2": 32, "m3": 32, "ar": 16}

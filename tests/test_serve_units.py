@@ -2,23 +2,77 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from protos.sim.v1 import sim_pb2 as pb
-from serve.frames import MU_FIELD, PackedFloats
+from serve import wire
+from serve.frames import FrameBuilder
 from serve.metrics import SCORE_BUCKETS, Metrics
 
 
-def test_packed_floats_set_a_repeated_float_field_exactly():
-    rng = np.random.default_rng(0)
-    for width in (1, 16, 300, 512):  # lengths with 1- and 2-byte varints
-        row = rng.standard_normal(width).astype(np.float32)
-        row[0] = -0.0
-        fast, slow = pb.Frame(level="m1", index=3), pb.Frame(level="m1", index=3)
-        PackedFloats(MU_FIELD, width).set(fast, row)
-        slow.mu.extend(row.tolist())
-        assert fast == slow and fast.SerializeToString() == slow.SerializeToString()
-        np.testing.assert_array_equal(np.asarray(fast.mu, np.float32), row)
+def _reference_response(builder: FrameBuilder, popped: dict, levels, return_logvar: bool) -> pb.StreamEncodeResponse:
+    """The response as the protobuf message API builds it, field by field (the slow, obvious way)."""
+    resp = pb.StreamEncodeResponse()
+    for level in levels:
+        frames = popped[level]
+        sc = builder.score(level, frames)
+        for j, idx in enumerate(frames["index"].tolist()):
+            f = resp.frames.add(level=level, index=idx, start_time=idx * builder.level_hops[level] / 16000,
+                                maha=float(frames["maha"][j]), ood_score=float(sc.score[j]), ood=bool(sc.ood[j]))
+            f.mu.extend(frames["mu"][j].tolist())
+            if return_logvar and "logvar" in frames:
+                f.logvar.extend(frames["logvar"][j].tolist())
+            if "kl" in frames:
+                f.kl = float(frames["kl"][j])
+            if sc.p_value is not None:
+                f.p_value = float(sc.p_value[j])
+    return resp
+
+
+def test_wire_field_numbers_and_types_are_the_protos():
+    types = {"level": 9, "index": 3, "start_time": 1, "mu": 2, "logvar": 2, "kl": 2, "maha": 2, "ood_score": 2,
+             "p_value": 2, "ood": 8}  # FieldDescriptor.TYPE_*: string, int64, double, float, bool
+    for name, (number, _) in wire.FIELDS.items():
+        field = pb.Frame.DESCRIPTOR.fields_by_name[name]
+        assert field.number == number and field.type == types[name], name
+    assert pb.StreamEncodeResponse.DESCRIPTOR.fields_by_name["frames"].number == wire.RESPONSE_FRAMES[0]
+    assert [wire.varint(n) for n in (0, 127, 128, 300, 16384)] == [
+        b"\x00", b"\x7f", b"\x80\x01", b"\xac\x02", b"\x80\x80\x01"]
+
+
+@pytest.mark.parametrize("return_logvar", [False, True])
+def test_wire_bytes_parse_to_the_message_the_protobuf_api_builds(return_logvar):
+    rng = np.random.default_rng(3)
+    reference = np.sort(rng.gamma(2.0, 50.0, 500))
+    manifest = {"calibration": {"fpr": 0.01, "levels": {
+        "m1": {"score": "kl", "reference": reference.tolist(), "threshold": float(reference[-5])},
+        "ar": {"score": "maha", "reference": reference.tolist(), "threshold": float(reference[-5])}}}}
+    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160})
+    popped = {}
+    # indices across the 1- / 2- / 3-byte varint boundaries; m3 has no calibration (no p_value)
+    for level, dim, start, n in (("m1", 512, 120, 12), ("m3", 7, 16380, 6), ("ar", 3, 0, 2)):
+        frames = {"index": np.arange(start, start + n, dtype=np.int64),
+                  "mu": rng.standard_normal((n, dim)).astype(np.float32),
+                  "maha": rng.gamma(2.0, 50.0, n).astype(np.float32)}
+        frames["mu"][0, 0] = -0.0
+        frames["maha"][1] = 1e6  # flagged where maha is the score (ar)
+        if level != "ar":
+            frames["logvar"] = rng.standard_normal((n, dim)).astype(np.float32)
+            frames["kl"] = rng.gamma(2.0, 60.0, n).astype(np.float32)
+            frames["kl"][2] = 1e6  # flagged where kl is the score (m1)
+        popped[level] = frames
+    levels = ("m1", "m3", "ar")
+    data, scored = builder.response(popped, levels, return_logvar)
+    parsed = pb.StreamEncodeResponse.FromString(data)
+    expected = _reference_response(builder, popped, levels, return_logvar)
+    assert parsed == expected and len(parsed.frames) == 20
+    assert any(f.ood for f in parsed.frames) and not all(f.ood for f in parsed.frames)
+    assert [s.level for s in scored] == list(levels)
+    # two responses written back to back are one response with the frames of both
+    merged = pb.StreamEncodeResponse.FromString(data + data)
+    assert list(merged.frames) == list(expected.frames) * 2
+    assert builder.response({"m1": {**popped["m1"], "index": np.zeros(0, np.int64)}}, ("m1",), False)[0] is None
 
 
 def test_bulk_histogram_exports_what_a_prometheus_histogram_would():

@@ -54,7 +54,7 @@ def test_geometry_follows_from_the_layer_table():
         n = o
     spec = state_spec(32, 16)
     assert [s["name"] for s in spec] == ["cache_0", "cache_1", "cache_2", "cache_3", "cache_4", "gru_h", "started"]
-    assert [s["shape"] for s in spec][:2] == [[1, 7], [32, 5]] and spec[5]["shape"] == [16]
+    assert [s["shape"] for s in spec][:2] == [[7, 1], [5, 32]] and spec[5]["shape"] == [16]
     assert level_frames_per_graph("sim")["step"] == {"m1": 8, "m2": 2, "m3": 1, "ar": 1}
     assert level_frames_per_graph("cpc")["flush"] == {"m3": 2, "ar": 2}
 
@@ -156,7 +156,7 @@ def test_full_size_shapes_and_equivalence():
         out = dict(zip(step.output_names(), step(torch.randn(2, HOP), *step.initial_state(2))))
     assert out["mu_m1"].shape == (2, 8, 512) and out["logvar_m2"].shape == (2, 2, 512)
     assert out["mu_ar"].shape == (2, 1, 256) and out["kl_m3"].shape == (2, 1)
-    assert out["next_cache_0"].shape == (2, 1, 7) and out["next_cache_4"].shape == (2, 512, 2)
+    assert out["next_cache_0"].shape == (2, 7, 1) and out["next_cache_4"].shape == (2, 2, 512)
     assert out["next_gru_h"].shape == (2, 256)
     audio = (0.3 * np.random.default_rng(3).standard_normal(1203)).astype(np.float32)
     got, ref = stream_torch(enc, audio), offline_levels(enc, audio, make_scorers(level_dims_of(enc), None))

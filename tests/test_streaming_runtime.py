@@ -66,7 +66,7 @@ def test_providers_choose_cpu_when_cuda_cannot_run():
     chosen = providers()
     assert chosen[-1] == "CPUExecutionProvider" and chosen[0] in ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert providers() == chosen  # decided once
-    assert [bucket(n) for n in (1, 2, 3, 4, 5, 9, 33, 64, 65)] == [1, 2, 4, 4, 8, 16, 64, 64, 128]
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 12, 13, 33, 64, 65)] == [1, 2, 4, 4, 8, 8, 12, 12, 16, 36, 64, 68]
 
 
 @pytest.mark.parametrize("method", ["sim", "gim", "cpc"])
@@ -116,6 +116,45 @@ def test_batched_streams_get_the_same_output_as_alone(exported, corpus_audio):
             np.testing.assert_allclose(got[key], alone[key], rtol=1e-5, atol=1e-6 * max(1.0, np.abs(alone[key]).max()))
 
 
+def test_state_pool_grows_and_reuses_rows_without_mixing_streams(exported):
+    """More streams than the pool's first 16 rows, some closed halfway and replaced by new ones that
+    take their rows: every stream that ran to the end equals running alone."""
+    model = StreamingModel(exported("sim"))
+    rng = np.random.default_rng(8)
+    audios = [(0.1 * rng.standard_normal(int(n))).astype(np.float32) for n in rng.integers(1500, 3000, 24)]
+    streams = [model.create_stream() for _ in range(20)]
+    rows_before = {s._row for s in streams}
+    assert len(rows_before) == 20 and 0 not in rows_before  # row 0 is the padding row
+    pos = [0] * 24
+    got = {i: {lv: [] for lv in model.levels} for i in range(24)}
+    owner = list(range(20))  # audio index each open stream carries
+    for rnd in range(60):
+        if rnd == 4:  # close streams 3 and 7 mid-way; two new streams take the freed rows
+            freed = {streams[3]._row, streams[7]._row}
+            streams[3].close(), streams[7].close()
+            assert streams[3].state is None
+            for j, a in ((3, 20), (7, 21)):
+                streams[j], owner[j], got[a] = model.create_stream(), a, {lv: [] for lv in model.levels}
+            assert {streams[3]._row, streams[7]._row} == freed
+        for j, s in enumerate(streams):
+            a = owner[j]
+            if not s.finished:
+                s.accept_waveform(audios[a][pos[a]:pos[a] + 97])
+                pos[a] += 97
+                if pos[a] >= audios[a].size:
+                    s.input_finished()
+        model.decode_streams(streams)
+        for j, s in enumerate(streams):
+            for lv, f in s.pop_frames().items():
+                if f["index"].size:
+                    got[owner[j]][lv].append(f["mu"])
+    assert all(s.flushed for s in streams)
+    for a in owner:
+        alone = encode_streaming(model, audios[a], 97)
+        for lv in model.levels:
+            np.testing.assert_allclose(np.concatenate(got[a][lv]), alone[lv], rtol=1e-5, atol=1e-5)
+
+
 def test_frames_come_out_at_each_levels_own_rate(exported):
     model = StreamingModel(exported("sim"))
     s = model.create_stream()
@@ -150,14 +189,14 @@ def test_low_level_step_flush_and_state_helpers(exported):
     assert model.hop == 160 and model.levels == ["m1", "m2", "m3", "ar"] and not model.variational
     state = model.initial_state(3)
     assert {k: v.shape for k, v in state.items()} == {
-        "cache_0": (3, 1, 7), "cache_1": (3, 32, 5), "cache_2": (3, 32, 3), "cache_3": (3, 32, 3),
-        "cache_4": (3, 32, 2), "gru_h": (3, 16), "started": (3, 1)}
+        "cache_0": (3, 7, 1), "cache_1": (3, 5, 32), "cache_2": (3, 3, 32), "cache_3": (3, 3, 32),
+        "cache_4": (3, 2, 32), "gru_h": (3, 16), "started": (3, 1)}
     audio = (0.1 * np.random.default_rng(7).standard_normal((3, 160))).astype(np.float32)
     outputs, new = model.step(audio, state)
     assert outputs["mu_m1"].shape == (3, 8, 32) and outputs["valid_m3"].tolist() == [[False]] * 3
     assert np.all(new["started"] == 1)
     parts = model.split_state(new)
-    assert len(parts) == 3 and parts[1]["cache_2"].shape == (1, 32, 3)
+    assert len(parts) == 3 and parts[1]["cache_2"].shape == (1, 3, 32)
     restacked = model.stack_states(parts)
     for k in new:
         np.testing.assert_array_equal(restacked[k], new[k])
