@@ -41,9 +41,10 @@ from train.audio import HOP, SAMPLE_RATE  # noqa: E402
 WARMUP_S = 1.0
 
 
-def prepare_model(cache: Path) -> Path:
-    """Full-size random SIM encoder exported to cache/model (once); calibration on a small corpus."""
-    out = cache / "model"
+def prepare_model(cache: Path, int8: bool = False) -> Path:
+    """Full-size random SIM encoder exported to cache/model (once); calibration on a small corpus.
+    With int8, cache/model_int8 with the step quantized (export --int8)."""
+    out = cache / ("model_int8" if int8 else "model")
     if (out / "manifest.json").is_file():
         return out
     import torch
@@ -63,7 +64,7 @@ def prepare_model(cache: Path) -> Path:
     save_atomic(encoder_checkpoint(Encoder(ModelDims("sim", 512, 256)), {"method": "sim", "beta": 0.0033}), ckpt)
     print(f"exporting a full-size random SIM encoder to {out} ...", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "export.onnx", str(ckpt), "--out", str(out), "--corpus", str(corpus),
-                    "--calibration-clips", "10", "--skip-verify"], cwd=ROOT, check=True)
+                    "--calibration-clips", "10", "--skip-verify", *(["--int8"] if int8 else [])], cwd=ROOT, check=True)
     return out
 
 
@@ -178,6 +179,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--model", help="exported model directory (default: a full-size random one in --cache)")
+    ap.add_argument("--int8", action="store_true", help="serve the default model with its step quantized to int8")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "serve_bench"), help="where the benchmark model lives")
     ap.add_argument("--streams", type=int, nargs="+", default=[4, 8, 12, 16, 20], help="stream counts to run")
     ap.add_argument("--refine", action="store_true", help="then try counts one by one above the best passing one")
@@ -189,7 +191,7 @@ def main() -> int:
     args = ap.parse_args()
 
     cache = Path(args.cache)
-    model = Path(args.model) if args.model else prepare_model(cache)
+    model = Path(args.model) if args.model else prepare_model(cache, args.int8)
     if not args.model:
         audio = speech_audio(cache, args.seconds)
     else:
@@ -199,7 +201,8 @@ def main() -> int:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
     header = (f"# serve capacity, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} cores; "
-              f"model {manifest['method']} {manifest['dims']['channels']} ch / GRU {manifest['dims']['hidden']}; "
+              f"model {manifest['method']} {manifest['dims']['channels']} ch / GRU {manifest['dims']['hidden']}, "
+              f"step {(manifest.get('precision') or {}).get('step', 'fp32')}; "
               f"levels {args.levels}; {args.seconds:g} s per stream; p99 bound {args.p99_ms:g} ms; "
               f"server options: {args.server_args or 'defaults'}")
     print(header, flush=True)

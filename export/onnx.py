@@ -195,14 +195,39 @@ def run_export(args: argparse.Namespace) -> dict:
     # 3. verification
     if args.skip_verify:
         log("verification skipped (--skip-verify)")
-        return manifest
-    try:
-        manifest["verification"] = verify_export(out, encoder, gaussians, decoders, reference, args.seed)
-    except VerificationError:
-        (out / MANIFEST).replace(out / (MANIFEST + ".failed"))
-        raise
-    write_manifest(out, manifest)
+    else:
+        try:
+            manifest["verification"] = verify_export(out, encoder, gaussians, decoders, reference, args.seed)
+        except VerificationError:
+            (out / MANIFEST).replace(out / (MANIFEST + ".failed"))
+            raise
+        write_manifest(out, manifest)
+    if args.int8:
+        manifest = make_int8(out, manifest, reference, args)
     log(f"done in {time.time() - t0:.0f} s: {out / MANIFEST}")
+    return manifest
+
+
+def make_int8(out: Path, manifest: dict, reference: list[np.ndarray], args: argparse.Namespace) -> dict:
+    """Quantize the verified fp32 step (export.quantize), measure it, re-calibrate, rewrite the manifest."""
+    from export import quantize
+
+    log("quantizing the streaming step to int8 (static, calibrated on the reference clips)")
+    try:
+        entry, calib = quantize.quantize_export(out, reference, manifest["calibration"], args.fpr, args.seed)
+    except RuntimeError as exc:
+        (out / MANIFEST).replace(out / (MANIFEST + ".failed"))
+        raise VerificationError(str(exc)) from None
+    for level, acc in entry["accuracy"].items():
+        log(f"  {level}: int8 vs fp32 relative RMS error {acc['rel_rms_err']:.3g}, "
+            f"lowest frame cosine {acc['min_cosine']:.4f}")
+    files = manifest["files"]
+    files[quantize.STEP_FP32] = {"role": "step-fp32"}
+    for name in (quantize.STEP, quantize.STEP_FP32):
+        files[name]["sha256"] = sha256_file(out / name)
+    manifest.update(precision={"step": "int8", "flush": "fp32", "offline": "fp32"}, quantization=entry,
+                    calibration=calib)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -252,6 +277,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", metavar="DIR", help="corpus directory (default: the default corpus cache)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing clips and random test audio")
     p.add_argument("--skip-verify", action="store_true", help="write the files without verifying them")
+    p.add_argument("--int8", action="store_true",
+                   help="also quantize the streaming step to int8 for CPU serving (~2.5x faster on AVX512-VNNI; "
+                        "latents within a few %% of fp32, measured and recorded in the manifest; the fp32 step is "
+                        "kept as step.fp32.onnx)")
     return p
 
 

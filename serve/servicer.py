@@ -284,7 +284,8 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                               "grpc": grpc.__version__, "numpy": np.__version__,
                               "model_format": str(man.get("format", "")),
                               "model_code_version": str(man.get("code_version", "unknown")),
-                              "checkpoint_sha256": str(man.get("checkpoint_sha256", ""))})
+                              "checkpoint_sha256": str(man.get("checkpoint_sha256", "")),
+                              "step_precision": str((man.get("precision") or {}).get("step", "fp32"))})
         lim = self.limits
         resp.limits.CopyFrom(pb.Limits(max_message_bytes=lim.max_message_bytes, max_streams=lim.max_streams,
                                        max_stream_seconds=lim.max_stream_seconds,

@@ -176,6 +176,7 @@ def test_info_describes_model_calibration_and_limits(conn, model):
     assert levels["m3"].calibration.score == "kl" and levels["ar"].calibration.score == "maha"
     assert levels["m3"].calibration.n_ref > 0 and levels["m3"].calibration.fpr == pytest.approx(0.01)
     assert info.versions["api"] == "sim.v1" and info.versions["onnxruntime"]
+    assert info.versions["step_precision"] == "fp32"
     assert info.limits.max_streams == 64 and "CPUExecutionProvider" in info.providers
 
 

@@ -1,0 +1,141 @@
+"""int8 streaming step for CPU serving: `python -m export.onnx CHECKPOINT --out DIR --int8`.
+
+The fp32 step graph spends ~90 % of its time in the Gemms of conv layers 2-5 and the posterior
+heads. Those are quantized statically (onnxruntime QDQ): int8 weights per output channel, uint8
+activations with FIXED scales measured on the calibration audio, so every stream's frames still
+depend on that stream alone (dynamic quantization would take its activation scale from the whole
+batch, i.e. from the other streams). The first conv (raw audio in, 10 inputs per frame), the GRU
+and the Mahalanobis scorers stay fp32. On CPUs with AVX512-VNNI / AVX-VNNI the step runs ~2.5x
+faster (docs/benchmarks.md).
+
+The int8 model is an approximation of the fp32 one, so the export measures it instead of
+asserting equality: per level, the relative RMS error and the lowest per-frame cosine similarity
+of the int8 latents against the fp32 streaming latents on the calibration clips, written to the
+manifest's "quantization" entry; an export whose error exceeds MAX_REL_RMS fails. The OOD
+reference scores (p-values, thresholds) are then re-measured with the int8 step, so the
+calibrated false-positive rate holds for what the server computes.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from export import calibration
+from export.runtime import StreamingModel, encode_streams
+
+STEP, STEP_FP32 = "step.onnx", "step.fp32.onnx"
+MAX_REL_RMS = 0.05  # int8 latents further than this from fp32 (relative RMS, any level) fail the export
+MIN_GEMM_INPUTS = 64  # Gemms with fewer inputs per row (the first conv: 10 samples) stay fp32
+_CONV_GEMM = re.compile(r"^/Gemm(_\d+)?$")  # conv layers and heads; the scorers are /<level>/Gemm
+
+
+def conv_gemms(model_path: Path) -> list[str]:
+    """Names of the step graph's Gemm nodes to quantize: the conv layers after the first and the heads."""
+    import onnx
+
+    graph = onnx.load(str(model_path)).graph
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    names = []
+    for node in graph.node:
+        if node.op_type == "Gemm" and _CONV_GEMM.match(node.name):
+            weight = dims.get(node.input[1])
+            if weight is not None and weight[0] >= MIN_GEMM_INPUTS:
+                names.append(node.name)
+    return names
+
+
+def step_feeds(model: StreamingModel, audios: list[np.ndarray], max_feeds: int, seed: int) -> list[dict]:
+    """Inputs of the fp32 step graph while it streams the clips (batch of one), at most max_feeds of them."""
+    feeds = []
+    for audio in audios:
+        state = model.initial_state(1)
+        for t in range(audio.size // model.hop):
+            hop = audio[None, t * model.hop:(t + 1) * model.hop].astype(np.float32)
+            feeds.append({"audio": hop, **state})
+            _, state = model.step(hop, state)
+    if len(feeds) > max_feeds:
+        keep = np.sort(np.random.default_rng(seed).choice(len(feeds), max_feeds, replace=False))
+        feeds = [feeds[i] for i in keep]
+    return feeds
+
+
+def quantize_step(model_dir: Path, audios: list[np.ndarray], seed: int = 0, max_feeds: int = 2000) -> dict:
+    """Replace DIR/step.onnx by its int8 version (the fp32 one is kept as step.fp32.onnx).
+
+    Returns the manifest's "quantization" entry (without the accuracy figures)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    fp32_path, int8_path = model_dir / STEP_FP32, model_dir / STEP
+    shutil.copyfile(int8_path, fp32_path)
+    nodes = conv_gemms(fp32_path)
+    if not nodes:
+        raise RuntimeError(f"{fp32_path}: found no conv Gemm nodes to quantize")
+    feeds = step_feeds(StreamingModel(model_dir, verify=False), audios, max_feeds, seed)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    tmp = model_dir / "step.int8.tmp.onnx"
+    quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Gemm"],
+                    nodes_to_quantize=nodes, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    tmp.replace(int8_path)
+    for extra in model_dir.glob("*-inferred.onnx"):  # the quantizer's scratch copies, if it leaves any
+        extra.unlink()
+    return {"graph": STEP, "fp32_graph": STEP_FP32, "method": "static QDQ: int8 per-channel weights, uint8 "
+            "activations with MinMax scales", "nodes": nodes, "calibration_feeds": len(feeds)}
+
+
+def accuracy(fp32: list[dict], int8: list[dict], levels: list[str]) -> dict:
+    """Per level: relative RMS error and the lowest per-frame cosine of int8 vs fp32 latents."""
+    out = {}
+    for level in levels:
+        a = np.concatenate([r[level] for r in int8]).astype(np.float64)
+        b = np.concatenate([r[level] for r in fp32]).astype(np.float64)
+        rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        ok = norms > 1e-12
+        cos = np.sum(a * b, axis=1)[ok] / norms[ok]
+        out[level] = {"rel_rms_err": rel, "min_cosine": float(cos.min()) if cos.size else 1.0,
+                      "mean_cosine": float(cos.mean()) if cos.size else 1.0}
+    return out
+
+
+def recalibrate(calib: dict, int8: list[dict], levels: list[str], fpr: float) -> dict:
+    """The calibration's reference scores and thresholds re-measured on the int8 step's outputs
+    (same scoring half of the clips as export.calibration; the baked Gaussians are unchanged)."""
+    _, score_idx = calibration.split_halves(len(int8))
+    new = {"fpr": calib["fpr"], "levels": {}, "measured_with": "int8 step"}
+    for level in levels:
+        old = calib["levels"][level]
+        stats = {"maha": calibration.score_stats(np.concatenate([int8[i][f"maha_{level}"] for i in score_idx]), fpr)}
+        if f"kl_{level}" in int8[0]:
+            stats["kl"] = calibration.score_stats(np.concatenate([int8[i][f"kl_{level}"] for i in score_idx]), fpr)
+        primary = old["score"]
+        new["levels"][level] = {**old, "score": primary, **stats[primary],
+                                "other": {k: v for k, v in stats.items() if k != primary}}
+    return new
+
+
+def quantize_export(model_dir: Path, audios: list[np.ndarray], calib: dict, fpr: float, seed: int) -> tuple[dict, dict]:
+    """Quantize, measure against fp32 streaming, re-calibrate. Returns (quantization entry, calibration)."""
+    fp32_model = StreamingModel(model_dir, verify=False)
+    fp32 = encode_streams(fp32_model, audios, [[fp32_model.hop]] * len(audios))
+    entry = quantize_step(model_dir, audios, seed)
+    int8_model = StreamingModel(model_dir, verify=False)
+    int8 = encode_streams(int8_model, audios, [[int8_model.hop]] * len(audios))
+    entry["accuracy"] = accuracy(fp32, int8, int8_model.levels)
+    worst = max(v["rel_rms_err"] for v in entry["accuracy"].values())
+    entry["max_rel_rms_err"] = MAX_REL_RMS
+    if worst > MAX_REL_RMS:
+        raise RuntimeError(f"int8 step is too far from fp32: relative RMS error {worst:.3g} > {MAX_REL_RMS} "
+                           f"({entry['accuracy']})")
+    return entry, recalibrate(calib, int8, int8_model.levels, fpr)

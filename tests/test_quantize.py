@@ -1,0 +1,94 @@
+"""export --int8: the statically quantized streaming step (export.quantize)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from export.manifest import load_manifest
+from export.quantize import MIN_GEMM_INPUTS, STEP_FP32, conv_gemms
+from export.runtime import StreamingModel, encode_streaming, encode_streams
+from test_export_support import one_torch_thread, write_checkpoint
+from train.audio import load_audio
+from train.corpus import load_corpus
+
+
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory, small_corpus):
+    from export.onnx import main
+
+    root = tmp_path_factory.mktemp("int8")
+    ckpt = write_checkpoint(root / "sim.pt", "sim", seed=3)
+    with one_torch_thread():
+        assert main([str(ckpt), "--out", str(root / "model"), "--corpus", str(small_corpus),
+                     "--calibration-clips", "12", "--skip-verify", "--int8"]) == 0
+    return root / "model"
+
+
+def test_int8_export_writes_a_loadable_measured_manifest(int8_model):
+    man = load_manifest(int8_model, verify=True)  # hashes of the int8 step and the kept fp32 step
+    assert man["precision"]["step"] == "int8" and man["files"][STEP_FP32]["role"] == "step-fp32"
+    q = man["quantization"]
+    assert set(q["accuracy"]) == {"m1", "m2", "m3", "ar"}
+    for level, acc in q["accuracy"].items():
+        assert 0.0 < acc["rel_rms_err"] <= q["max_rel_rms_err"] and acc["min_cosine"] > 0.99, (level, acc)
+    assert man["calibration"]["measured_with"] == "int8 step"
+    # the quantized Gemms: every conv / head Gemm with enough inputs; not the first conv, not the scorers
+    graph = onnx.load(str(int8_model / STEP_FP32)).graph
+    weights = {i.name: list(i.dims) for i in graph.initializer}
+    gemms = {n.name: weights[n.input[1]][0] for n in graph.node if n.op_type == "Gemm"}
+    chosen = conv_gemms(int8_model / STEP_FP32)
+    assert chosen == q["nodes"] and "/Gemm" not in chosen and not any(n.count("/") > 1 for n in chosen)
+    assert all(gemms[n] >= MIN_GEMM_INPUTS for n in chosen) and len(chosen) >= 4
+    ops = {n.op_type for n in onnx.load(str(int8_model / "step.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_int8_step_tracks_fp32_on_unseen_audio_and_ignores_its_batch(int8_model, small_corpus):
+    int8 = StreamingModel(int8_model)
+    audios = [load_audio(u.path) for u in load_corpus(small_corpus, "train")[:3]]
+    # the fp32 step of the same export, on the same audio: int8 stays close
+    import shutil
+    fp32_dir = int8_model.parent / "fp32_view"
+    if not fp32_dir.exists():
+        shutil.copytree(int8_model, fp32_dir)
+        shutil.copyfile(fp32_dir / STEP_FP32, fp32_dir / "step.onnx")
+    fp32 = StreamingModel(fp32_dir, verify=False)
+    for audio in audios:
+        a, b = encode_streaming(int8, audio, 160), encode_streaming(fp32, audio, 160)
+        for level in int8.levels:
+            err = np.linalg.norm(a[level] - b[level]) / np.linalg.norm(b[level])
+            assert err < 0.05, (level, err)
+            assert not np.array_equal(a[level], b[level])  # it really is a different graph
+    # fixed activation scales: a stream's int8 frames are the same alone and in any batch
+    noise = (0.3 * np.random.default_rng(0).standard_normal(3000)).astype(np.float32)
+    together = encode_streams(int8, audios + [noise], [[160], [333], [1000, 7], [50]])
+    for audio, plan, got in zip(audios + [noise], [[160], [333], [1000, 7], [50]], together):
+        alone = encode_streaming(int8, audio, plan)
+        for key in alone:
+            np.testing.assert_allclose(got[key], alone[key], rtol=1e-5, atol=1e-5 * max(1.0, np.abs(alone[key]).max()))
+
+
+def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, tmp_path):
+    import grpc
+
+    from clients.encoding import FrameCollector, file_requests
+    from protos.sim.v1 import sim_pb2 as pb
+    from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+    from serve_support import ServerProcess
+
+    audio = load_audio(load_corpus(small_corpus, "test")[0].path)
+    srv = ServerProcess(int8_model, log_dir=tmp_path).start()
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.SimEncoderStub(channel)
+            assert stub.Info(pb.InfoRequest(), timeout=10).versions["step_precision"] == "int8"
+            col = FrameCollector()
+            for resp in stub.StreamEncode(file_requests(audio, 777), timeout=60):
+                col.add(resp)
+            got = col.arrays()
+    finally:
+        srv.close()
+    expected = encode_streaming(StreamingModel(int8_model), audio, 777)
+    for level in ("m1", "m2", "m3", "ar"):
+        np.testing.assert_allclose(got[level], expected[level], rtol=1e-5, atol=1e-5)
