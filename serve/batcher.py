@@ -129,6 +129,7 @@ class Batcher:
         elapsed, results = tick
         self.metrics.batch_size.observe(len(batch))
         self.metrics.tick_duration.observe(elapsed)
+        tick_scores: dict[str, list] = {}
         for s, (popped, flushed, processed) in zip(batch, results):
             if s.dead:
                 continue
@@ -136,9 +137,12 @@ class Batcher:
             if s.backlog() <= s.max_backlog:
                 s.room.set()
             resp, scored = self.builder.response(popped, s.levels, s.return_logvar)
+            for sc in scored:
+                tick_scores.setdefault(sc.level, []).append(sc)
             if resp is not None:
                 # the newest frames needed every sample up to the last processed hop (or the end)
                 s.out.put_nowait((resp, scored, s.received + 1 if flushed else processed))
             if flushed:
                 s.done = True
                 s.out.put_nowait(END)
+        self.metrics.count_frames(tick_scores)

@@ -76,13 +76,24 @@ class Metrics:
         self.ood_score = BulkHistogram("sim_ood_score", "Calibrated OOD score per frame (KL in nats or squared "
                                        "Mahalanobis distance, per the model's calibration)", "level",
                                        SCORE_BUCKETS, r)
-        self.frames = Counter("sim_frames", "Frames sent", ["level"], registry=r)
+        self.frames = Counter("sim_frames", "Frames produced for streams", ["level"], registry=r)
         self.flagged_frames = Counter("sim_flagged_frames", "Frames flagged out-of-distribution", ["level"],
                                       registry=r)
         self.streams = Counter("sim_streams", "Finished StreamEncode calls by outcome (ok, cancelled, "
                                "or the status code)", ["outcome"], registry=r)
         self.audio_seconds = Counter("sim_audio_seconds", "Seconds of audio received", registry=r)
         self.decode_requests = Counter("sim_decode_requests", "Decode calls by outcome", ["outcome"], registry=r)
+
+    def count_frames(self, by_level: dict[str, list]) -> None:
+        """One tick's scored frames (serve.frames.ScoredFrames per stream, grouped by level): frame
+        and flagged counters and the score histogram, one update per level instead of per stream."""
+        for level, parts in by_level.items():
+            scores = parts[0].score if len(parts) == 1 else np.concatenate([p.score for p in parts])
+            flagged = sum(int(np.count_nonzero(p.ood)) for p in parts)
+            self.frames.labels(level).inc(scores.size)
+            self.ood_score.observe_many(level, scores)
+            if flagged:
+                self.flagged_frames.labels(level).inc(flagged)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> tuple[object, int]:
         """Start the /metrics HTTP endpoint in a daemon thread; returns (server, bound port)."""

@@ -239,18 +239,11 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             session.fail(StreamError(grpc.StatusCode.INTERNAL, f"server error reading the stream: {exc}"))
 
     def _account(self, session: StreamSession, scored, needed: int) -> None:
-        m = self.metrics
-        now = time.monotonic()
+        """Frame latency of a write: from the arrival of the newest sample its frames needed.
+        (Frame counts and score histograms are kept per tick by the batcher.)"""
         t = session.arrival_time(needed)
         if t is not None:
-            m.frame_latency.observe(max(0.0, now - t))
-        for sc in scored:
-            n = len(sc.score)
-            m.frames.labels(sc.level).inc(n)
-            m.ood_score.observe_many(sc.level, sc.score)
-            flagged = int(np.count_nonzero(sc.ood))
-            if flagged:
-                m.flagged_frames.labels(sc.level).inc(flagged)
+            self.metrics.frame_latency.observe(max(0.0, time.monotonic() - t))
 
     # --- draining ------------------------------------------------------------------------------
     def abort_all(self, message: str) -> None:
