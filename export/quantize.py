@@ -17,6 +17,7 @@ calibrated false-positive rate holds for what the server computes.
 """
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -84,9 +85,15 @@ def quantize_step(model_dir: Path, audios: list[np.ndarray], seed: int = 0, max_
             return next(self._it, None)
 
     tmp = model_dir / "step.int8.tmp.onnx"
-    quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Gemm"],
-                    nodes_to_quantize=nodes, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" advice does not apply here
+    try:
+        quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Gemm"],
+                        nodes_to_quantize=nodes, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        root.setLevel(level)
     tmp.replace(int8_path)
     for extra in model_dir.glob("*-inferred.onnx"):  # the quantizer's scratch copies, if it leaves any
         extra.unlink()
