@@ -41,6 +41,10 @@ class ExportError(RuntimeError):
     """A user error (bad input, missing files); printed as `error: ...`, exit status 2."""
 
 
+class Int8Error(RuntimeError):
+    """--int8 could not make a step accurate enough; the fp32 export is intact. Exit status 1."""
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -203,21 +207,22 @@ def run_export(args: argparse.Namespace) -> dict:
             raise
         write_manifest(out, manifest)
     if args.int8:
-        manifest = make_int8(out, manifest, reference, args)
+        manifest = make_int8(out, manifest, encoder, reference, args)
     log(f"done in {time.time() - t0:.0f} s: {out / MANIFEST}")
     return manifest
 
 
-def make_int8(out: Path, manifest: dict, reference: list[np.ndarray], args: argparse.Namespace) -> dict:
-    """Quantize the verified fp32 step (export.quantize), measure it, re-calibrate, rewrite the manifest."""
+def make_int8(out: Path, manifest: dict, encoder: Encoder, reference: list[np.ndarray],
+              args: argparse.Namespace) -> dict:
+    """Quantize the verified fp32 step (export.quantize), measure it, re-calibrate, rewrite the
+    manifest. If the int8 step is not accurate enough the fp32 export stays as it was."""
     from export import quantize
 
-    log("quantizing the streaming step to int8 (static, calibrated on the reference clips)")
+    log("quantizing the streaming step to int8 (static scales from the reference clips)")
     try:
-        entry, calib = quantize.quantize_export(out, reference, manifest["calibration"], args.fpr, args.seed)
+        entry, calib = quantize.quantize_export(out, encoder, reference, manifest["calibration"], args.fpr, args.seed)
     except RuntimeError as exc:
-        (out / MANIFEST).replace(out / (MANIFEST + ".failed"))
-        raise VerificationError(str(exc)) from None
+        raise Int8Error(f"{exc}\n{out} still holds the verified fp32 export") from None
     for level, acc in entry["accuracy"].items():
         log(f"  {level}: int8 vs fp32 relative RMS error {acc['rel_rms_err']:.3g}, "
             f"lowest frame cosine {acc['min_cosine']:.4f}")
@@ -302,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except VerificationError as exc:
         print(f"error: verification failed; {args.out}/{MANIFEST} renamed to {MANIFEST}.failed\n{exc}",
               file=sys.stderr)
+        return 1
+    except Int8Error as exc:
+        print(f"error: --int8: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -6,7 +6,8 @@ import onnx
 import pytest
 
 from export.manifest import load_manifest
-from export.quantize import MIN_GEMM_INPUTS, STEP_FP32, conv_gemms
+from export.manifest import MANIFEST
+from export.quantize import STEP_FP32
 from export.runtime import StreamingModel, encode_streaming, encode_streams
 from test_export_support import one_torch_thread, write_checkpoint
 from train.audio import load_audio
@@ -33,13 +34,11 @@ def test_int8_export_writes_a_loadable_measured_manifest(int8_model):
     for level, acc in q["accuracy"].items():
         assert 0.0 < acc["rel_rms_err"] <= q["max_rel_rms_err"] and acc["min_cosine"] > 0.99, (level, acc)
     assert man["calibration"]["measured_with"] == "int8 step"
-    # the quantized Gemms: every conv / head Gemm with enough inputs; not the first conv, not the scorers
+    # the quantized Gemms are conv layers 2-5 (k x 32 inputs): not the first conv, the heads or the scorers
     graph = onnx.load(str(int8_model / STEP_FP32)).graph
     weights = {i.name: list(i.dims) for i in graph.initializer}
-    gemms = {n.name: weights[n.input[1]][0] for n in graph.node if n.op_type == "Gemm"}
-    chosen = conv_gemms(int8_model / STEP_FP32)
-    assert chosen == q["nodes"] and "/Gemm" not in chosen and not any(n.count("/") > 1 for n in chosen)
-    assert all(gemms[n] >= MIN_GEMM_INPUTS for n in chosen) and len(chosen) >= 4
+    gemms = {n.name: weights[n.input[1]] for n in graph.node if n.op_type == "Gemm"}
+    assert [gemms[n] for n in q["nodes"]] == [[8 * 32, 32], [4 * 32, 32], [4 * 32, 32], [4 * 32, 32]]
     ops = {n.op_type for n in onnx.load(str(int8_model / "step.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
@@ -92,3 +91,21 @@ def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, t
     expected = encode_streaming(StreamingModel(int8_model), audio, 777)
     for level in ("m1", "m2", "m3", "ar"):
         np.testing.assert_allclose(got[level], expected[level], rtol=1e-5, atol=1e-5)
+
+
+def test_an_int8_step_that_misses_the_accuracy_bar_leaves_the_fp32_export_intact(tmp_path, small_corpus, monkeypatch,
+                                                                                  capsys):
+    import export.quantize
+    from export.onnx import main
+
+    monkeypatch.setattr(export.quantize, "MAX_REL_RMS", 1e-9)
+    ckpt = write_checkpoint(tmp_path / "sim.pt", "sim", seed=4)
+    out = tmp_path / "model"
+    with one_torch_thread():
+        assert main([str(ckpt), "--out", str(out), "--corpus", str(small_corpus), "--calibration-clips", "6",
+                     "--int8"]) == 1
+    assert "too far from fp32" in capsys.readouterr().err
+    man = load_manifest(out, verify=True)  # the verified fp32 export, hashes and all
+    assert "precision" not in man and not (out / STEP_FP32).exists() and (out / MANIFEST).is_file()
+    audio = (0.1 * np.random.default_rng(1).standard_normal(2000)).astype(np.float32)
+    encode_streaming(StreamingModel(out), audio, 160)  # and it runs
