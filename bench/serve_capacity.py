@@ -171,6 +171,7 @@ async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]
 
 def measure(server: Server, n: int, audio: np.ndarray, levels: list[str], p99_ms: float) -> dict:
     b_sum, b_cnt = server.metric("sim_batch_size_sum"), server.metric("sim_batch_size_count")
+    t_sum = server.metric("sim_tick_duration_seconds_sum")
     cpu0, scpu0 = os.times(), server.cpu_seconds()
     r = asyncio.run(run_streams(f"127.0.0.1:{server.port}", n, audio, levels))
     cpu1, scpu1 = os.times(), server.cpu_seconds()
@@ -180,6 +181,7 @@ def measure(server: Server, n: int, audio: np.ndarray, levels: list[str], p99_ms
     r["cpu_per_stream"] = (r["server_cpu_s"] + r["client_cpu_s"]) / (n * len(audio) / SAMPLE_RATE)
     db = server.metric("sim_batch_size_count") - b_cnt
     r["mean_batch"] = (server.metric("sim_batch_size_sum") - b_sum) / db if db else float("nan")
+    r["mean_tick_ms"] = 1000.0 * (server.metric("sim_tick_duration_seconds_sum") - t_sum) / db if db else float("nan")
     r["pass"] = not r["errors"] and r["frames"] > 0 and r["p99_ms"] <= p99_ms
     return r
 
@@ -215,9 +217,9 @@ def main() -> int:
               f"levels {args.levels}; {args.seconds:g} s per stream; p99 bound {args.p99_ms:g} ms; "
               f"server options: {args.server_args or 'defaults'}")
     print(header, flush=True)
-    print("| streams | frames | p50 ms | p90 ms | p99 ms | max ms | mean batch | server CPU s | client CPU s "
-          "| CPU s per stream-s | result |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| streams | frames | p50 ms | p90 ms | p99 ms | max ms | mean batch | mean tick ms | server CPU s "
+          "| client CPU s | CPU s per stream-s | result |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     server = Server(model, shlex.split(args.server_args))
     results = []
 
@@ -229,7 +231,7 @@ def main() -> int:
             verdict = "pass" if r["pass"] else ("errors: " + "; ".join(sorted(set(r["errors"])))[:80] if r["errors"]
                                                 else "fail")
             print(f"| {n} | {r['frames']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | "
-                  f"{r['max_ms']:.1f} | {r['mean_batch']:.1f} | {r['server_cpu_s']:.1f} | {r['client_cpu_s']:.1f} | "
+                  f"{r['max_ms']:.1f} | {r['mean_batch']:.1f} | {r['mean_tick_ms']:.1f} | {r['server_cpu_s']:.1f} | {r['client_cpu_s']:.1f} | "
                   f"{r['cpu_per_stream']:.3f} | {verdict} |", flush=True)
         summary = {"streams": n, "runs": rows, "pass": all(r["pass"] for r in rows),
                    "passed_runs": sum(r["pass"] for r in rows)}
