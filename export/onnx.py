@@ -283,9 +283,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for choosing clips and random test audio")
     p.add_argument("--skip-verify", action="store_true", help="write the files without verifying them")
     p.add_argument("--int8", action="store_true",
-                   help="also quantize the streaming step to int8 for CPU serving (~2.5x faster on AVX512-VNNI; "
-                        "latents within a few %% of fp32, measured and recorded in the manifest; the fp32 step is "
-                        "kept as step.fp32.onnx)")
+                   help="also quantize the streaming step to int8 for CPU serving (~2x faster on AVX512-VNNI; "
+                        "latents within a few %% of fp32, measured and recorded in the manifest; refused above "
+                        "5 %%; the fp32 step is kept as step.fp32.onnx)")
     return p
 
 
