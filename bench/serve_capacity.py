@@ -95,32 +95,48 @@ class Server:
                "--max-streams", "1000", "--log-level", "warning", *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, "SIM_ORT_PROVIDER": os.environ.get("SIM_ORT_PROVIDER", "cpu")})
-        self.port = self.metrics_port = None
-        while self.port is None or self.metrics_port is None:
+        self.port = None
+        self.metrics_ports: list[int] = []
+        workers = 1
+        while self.port is None or len(self.metrics_ports) < workers:
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError("the server did not start")
-            if m := re.match(r"listening on [^ ]+:(\d+) ", line):
-                self.port = int(m.group(1))
-            if m := re.match(r"metrics on http://[^ ]+:(\d+)/", line):
-                self.metrics_port = int(m.group(1))
+            if m := re.match(r"listening on [^ ]+:(\d+) \((?:(\d+) workers)?", line):
+                self.port, workers = int(m.group(1)), int(m.group(2) or 1)
+            if m := re.match(r"(?:worker \d+ )?metrics on http://[^ ]+:(\d+)/", line):
+                self.metrics_ports.append(int(m.group(1)))
 
     def metric(self, name: str) -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
+        """The metric summed over the server's processes (one per --workers)."""
+        total = 0.0
+        for port in self.metrics_ports:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+            total += float(m.group(1)) if m else 0.0
+        return total
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time the server process and its worker processes have used so far."""
+        pids = [self.proc.pid]
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        total = 0.0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
 
 
-async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]) -> dict:
+async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str], channel_per_stream: bool) -> dict:
     import grpc
 
     chunks = [pb.StreamEncodeRequest(audio=audio[i:i + HOP].astype("<f4").tobytes())
@@ -131,9 +147,13 @@ async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]
     errors: list[str] = []
     warm_frames = int(WARMUP_S * SAMPLE_RATE / HOP)
     top = "m3" if "m3" in levels or not levels else levels[-1]
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.SimEncoderStub(channel)
-        await channel.channel_ready()
+    # a local subchannel pool per channel: otherwise gRPC shares one TCP connection among channels
+    options = [("grpc.use_local_subchannel_pool", 1)] if channel_per_stream else []
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(n if channel_per_stream else 1)]
+    stubs = [pb_grpc.SimEncoderStub(c) for c in channels]
+    for c in channels:
+        await c.channel_ready()
+    try:
         t0 = time.perf_counter() + 0.2
         offsets = [random.Random(i).uniform(0, HOP / SAMPLE_RATE) for i in range(n)]
 
@@ -152,7 +172,7 @@ async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]
                     yield req
 
             try:
-                async for resp in stub.StreamEncode(requests()):
+                async for resp in stubs[i % len(stubs)].StreamEncode(requests()):
                     now = time.perf_counter()
                     for f in resp.frames:
                         if f.level == top and f.index >= warm_frames:
@@ -163,17 +183,21 @@ async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]
                 errors.append(f"{exc.code().name}: {exc.details()}")
 
         await asyncio.gather(*(one(i) for i in range(n)))
+    finally:
+        for c in channels:
+            await c.close()
     lat = np.asarray(latencies) * 1000.0
     return {"streams": n, "frames": int(lat.size), "errors": errors,
             **{f"p{q}_ms": float(np.percentile(lat, q)) if lat.size else float("nan") for q in (50, 90, 99)},
             "max_ms": float(lat.max()) if lat.size else float("nan")}
 
 
-def measure(server: Server, n: int, audio: np.ndarray, levels: list[str], p99_ms: float) -> dict:
+def measure(server: Server, n: int, audio: np.ndarray, levels: list[str], p99_ms: float,
+            channel_per_stream: bool = False) -> dict:
     b_sum, b_cnt = server.metric("sim_batch_size_sum"), server.metric("sim_batch_size_count")
     t_sum = server.metric("sim_tick_duration_seconds_sum")
     cpu0, scpu0 = os.times(), server.cpu_seconds()
-    r = asyncio.run(run_streams(f"127.0.0.1:{server.port}", n, audio, levels))
+    r = asyncio.run(run_streams(f"127.0.0.1:{server.port}", n, audio, levels, channel_per_stream))
     cpu1, scpu1 = os.times(), server.cpu_seconds()
     r["client_cpu_s"] = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     r["server_cpu_s"] = scpu1 - scpu0
@@ -194,6 +218,9 @@ def main() -> int:
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "serve_bench"), help="where the benchmark model lives")
     ap.add_argument("--streams", type=int, nargs="+", default=[4, 8, 12, 16, 20], help="stream counts to run")
     ap.add_argument("--refine", action="store_true", help="then try counts one by one above the best passing one")
+    ap.add_argument("--channel-per-stream", action="store_true",
+                    help="one gRPC channel (TCP connection) per stream, like independent clients; needed to spread "
+                         "streams over `--server-args '--workers N'` (default: all streams on one channel)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per stream count; a count passes only if every run does (default %(default)s)")
     ap.add_argument("--seconds", type=float, default=10.0, help="audio per stream (default %(default)s)")
@@ -215,7 +242,8 @@ def main() -> int:
               f"model {manifest['method']} {manifest['dims']['channels']} ch / GRU {manifest['dims']['hidden']}, "
               f"step {(manifest.get('precision') or {}).get('step', 'fp32')}; "
               f"levels {args.levels}; {args.seconds:g} s per stream; p99 bound {args.p99_ms:g} ms; "
-              f"server options: {args.server_args or 'defaults'}")
+              f"server options: {args.server_args or 'defaults'}; "
+              f"{'a channel per stream' if args.channel_per_stream else 'one channel'}")
     print(header, flush=True)
     print("| streams | frames | p50 ms | p90 ms | p99 ms | max ms | mean batch | mean tick ms | server CPU s "
           "| client CPU s | CPU s per stream-s | result |")
@@ -226,7 +254,7 @@ def main() -> int:
     def run(n: int) -> dict:
         rows = []
         for _ in range(args.repeat):
-            r = measure(server, n, audio, levels, args.p99_ms)
+            r = measure(server, n, audio, levels, args.p99_ms, args.channel_per_stream)
             rows.append(r)
             verdict = "pass" if r["pass"] else ("errors: " + "; ".join(sorted(set(r["errors"])))[:80] if r["errors"]
                                                 else "fail")

@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "tail latency under load (default: spinning on)")
     ap.add_argument("--batch-wait-ms", type=float, default=0.0,
                     help="when audio arrives, wait this long for other streams before running a batch (default %(default)s)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="server processes sharing the port (SO_REUSEPORT; connections are spread over them, each "
+                         "process has its own model, batches, limits and metrics on --metrics-port + i) (default %(default)s)")
+    ap.add_argument("--reuse-port", action="store_true",
+                    help="bind with SO_REUSEPORT so several servers can share the port (set for you by --workers)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return ap
 
@@ -70,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--idle-timeout, --drain-grace and --batch-wait-ms must not be negative")
     if args.threads is not None and args.threads < 1:
         return fail("--threads must be at least 1")
+    if args.workers < 1:
+        return fail("--workers must be at least 1")
+    if args.workers > 1:
+        from serve.workers import supervise
+
+        return supervise(list(sys.argv[1:] if argv is None else argv), args.workers, args.host, args.port,
+                         args.metrics_port)
 
     from export.manifest import ManifestError
     from serve.auth import TokenError, read_token
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ServerOptions(
         model_dir=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, drain_grace_seconds=args.drain_grace,
-        threads=args.threads, spin=args.spin, batch_wait_s=args.batch_wait_ms / 1000.0,
+        threads=args.threads, spin=args.spin, reuse_port=args.reuse_port, batch_wait_s=args.batch_wait_ms / 1000.0,
         limits=Limits(max_message_bytes=args.max_message_bytes, max_streams=args.max_streams,
                       max_stream_seconds=args.max_stream_seconds, idle_timeout_seconds=args.idle_timeout))
     try:

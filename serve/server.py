@@ -38,6 +38,7 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     drain_grace_seconds: float = 30.0
     threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime's default)
+    reuse_port: bool = False  # SO_REUSEPORT: other processes may serve the same port (serve.workers)
     spin: bool = True  # onnxruntime's threads busy-wait between steps (lower tail latency; a core when idle)
     max_hops_per_tick: int = 8
     batch_wait_s: float = 0.0
@@ -72,7 +73,7 @@ class Server:
         self._server = aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", max(limit, 64 << 20)),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if opts.reuse_port else 0),
         ])
         add_servicer(self.servicer, self._server)
         self.health = health_aio.HealthServicer()

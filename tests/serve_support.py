@@ -58,6 +58,7 @@ class ServerProcess:
         self.log_path = (log_dir or Path("/tmp")) / f"serve-{os.getpid()}-{id(self)}.log"
         self.proc: subprocess.Popen | None = None
         self.port = self.metrics_port = None
+        self.metrics_ports: list[int] = []  # one per process with --workers
         self.lines: list[str] = []
 
     @property
@@ -78,7 +79,8 @@ class ServerProcess:
 
         threading.Thread(target=pump, daemon=True).start()
         deadline = time.monotonic() + timeout
-        while self.port is None or self.metrics_port is None:
+        workers = 1
+        while self.port is None or len(self.metrics_ports) < workers:
             try:
                 line = q.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
@@ -86,10 +88,11 @@ class ServerProcess:
             if line is None:
                 self.kill()
                 raise RuntimeError(f"server did not start: {' '.join(self.cmd)}\n{self.log()}")
-            if m := re.match(r"listening on [^ ]+:(\d+) ", line):
-                self.port = int(m.group(1))
-            if m := re.match(r"metrics on http://[^ ]+:(\d+)/metrics", line):
-                self.metrics_port = int(m.group(1))
+            if m := re.match(r"listening on [^ ]+:(\d+) \((?:(\d+) workers)?", line):
+                self.port, workers = int(m.group(1)), int(m.group(2) or 1)
+            if m := re.match(r"(?:worker \d+ )?metrics on http://[^ ]+:(\d+)/metrics", line):
+                self.metrics_ports.append(int(m.group(1)))
+                self.metrics_port = self.metrics_ports[0]
         return self
 
     def log(self) -> str:

@@ -174,3 +174,45 @@ def test_port_in_use_is_a_clear_error(model, tmp_path):
         assert "Traceback" not in proc.stderr
     finally:
         srv.close()
+
+
+def test_workers_share_one_port_and_drain_together(model, speech, tmp_path):
+    """--workers 2: two server processes on one port (SO_REUSEPORT); streams on separate connections
+    each equal the offline encoding wherever they land; every stream is counted by some worker;
+    SIGTERM stops both and the supervisor exits 0."""
+    from serve_support import metric_value
+
+    srv = ServerProcess(model[0], "--workers", "2", log_dir=tmp_path).start()
+    try:
+        assert "(2 workers;" in srv.lines[0]
+        assert len(srv.metrics_ports) == 2
+        expected = offline(model[1], speech)["m3"]
+        results, errors = [], []
+
+        def one(i):
+            # a connection of its own (gRPC would otherwise share one among channels to one address)
+            with grpc.insecure_channel(srv.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+                try:
+                    results.append(collect(pb_grpc.SimEncoderStub(channel), file_requests(speech, 777 + i))["m3"])
+                except grpc.RpcError as exc:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors and len(results) == 6
+        for got in results:
+            np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+        import urllib.request
+
+        def ok_streams(port):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                return metric_value(r.read().decode(), "sim_streams_total", outcome="ok")
+
+        wait_for(lambda: sum(ok_streams(p) for p in srv.metrics_ports) == 6, what="6 streams counted")
+        assert srv.stop() == 0 and srv.lines[-1] == "stopped"
+    finally:
+        srv.close()
