@@ -232,7 +232,6 @@ def main() -> int:
 
     cache = Path(args.cache)
     model = Path(args.model) if args.model else prepare_model(cache, args.int8)
-    bench_corpus(cache)
     audio = speech_audio(cache, args.seconds)
     levels = [] if args.levels == "all" else [lv for lv in args.levels.split(",") if lv]
     manifest = json.loads((model / "manifest.json").read_text())
@@ -251,9 +250,9 @@ def main() -> int:
     server = Server(model, shlex.split(args.server_args))
     results = []
 
-    def run(n: int) -> dict:
+    def run(n: int, repeat: int = args.repeat) -> dict:
         rows = []
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             r = measure(server, n, audio, levels, args.p99_ms, args.channel_per_stream)
             rows.append(r)
             verdict = "pass" if r["pass"] else ("errors: " + "; ".join(sorted(set(r["errors"])))[:80] if r["errors"]
@@ -267,9 +266,7 @@ def main() -> int:
         return summary
 
     try:
-        repeat, args.repeat = args.repeat, 1
-        run(1)  # warm-up: first sessions, arena growth
-        args.repeat = repeat
+        run(1, repeat=1)  # warm-up: first sessions, arena growth
         results.clear()
         for n in sorted(set(args.streams)):
             run(n)

@@ -18,9 +18,8 @@ class Mahalanobis(nn.Module):
         whitening = np.asarray(whitening, dtype=np.float32)
         if whitening.shape != (mean.shape[0], mean.shape[0]):
             raise ValueError(f"whitening matrix {whitening.shape} does not fit mean {mean.shape}")
-        self.register_buffer("mean", torch.from_numpy(mean.copy()))
         self.register_buffer("whitening_t", torch.from_numpy(whitening.T.copy()))
-        # W (mu - mean) = W mu - W mean: one Gemm with a bias instead of a Sub and a MatMul
+        # W (mu - mean) = W mu - W mean: one Gemm with a bias (the shift) instead of a Sub and a MatMul
         self.register_buffer("shift", torch.from_numpy((-(whitening.astype(np.float64) @ mean.astype(np.float64)))
                                                        .astype(np.float32)))
 
@@ -31,11 +30,8 @@ class Mahalanobis(nn.Module):
 
     def forward(self, mu: torch.Tensor) -> torch.Tensor:
         """mu: (..., C) -> (...)"""
-        if mu.dim() == 3:  # (B, n, C), the streaming graphs
-            z = torch.addmm(self.shift, mu.reshape(-1, mu.shape[-1]), self.whitening_t).reshape(-1, mu.shape[1], self.shift.shape[0])
-        else:
-            z = (mu - self.mean) @ self.whitening_t
-        return (z * z).sum(-1)
+        z = torch.addmm(self.shift, mu.reshape(-1, mu.shape[-1]), self.whitening_t)  # one Gemm in ONNX
+        return (z * z).sum(-1).reshape(mu.shape[:-1])
 
 
 def make_scorers(level_dims: dict[str, int], gaussians: dict[str, tuple[np.ndarray, np.ndarray]] | None

@@ -141,7 +141,7 @@ class Batcher:
                 tick_scores.setdefault(sc.level, []).append(sc)
             if resp is not None:
                 # the newest frames needed every sample up to the last processed hop (or the end)
-                s.out.put_nowait((resp, scored, s.received + 1 if flushed else processed))
+                s.out.put_nowait((resp, s.received + 1 if flushed else processed))
             if flushed:
                 s.done = True
                 s.out.put_nowait(END)

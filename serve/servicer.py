@@ -105,7 +105,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                     break
                 if isinstance(item, StreamError):
                     raise item
-                resp, scored, needed = item
+                resp, needed = item
                 # responses queued meanwhile go out in the same write (serialised responses concatenate
                 # into one): under load a stream gets fewer, larger messages instead of falling behind
                 after = None
@@ -115,10 +115,9 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                         after = nxt
                         break
                     resp += nxt[0]
-                    scored = scored + nxt[1]
-                    needed = nxt[2]
+                    needed = nxt[1]
                 await context.write(resp)
-                self._account(session, scored, needed)
+                self._account(session, needed)
                 if after is END:
                     break
                 if after is not None:
@@ -238,7 +237,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             log.exception("stream %s: reader failed", session.id)
             session.fail(StreamError(grpc.StatusCode.INTERNAL, f"server error reading the stream: {exc}"))
 
-    def _account(self, session: StreamSession, scored, needed: int) -> None:
+    def _account(self, session: StreamSession, needed: int) -> None:
         """Frame latency of a write: from the arrival of the newest sample its frames needed.
         (Frame counts and score histograms are kept per tick by the batcher.)"""
         t = session.arrival_time(needed)

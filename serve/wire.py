@@ -8,18 +8,31 @@ parsers accept fields in any order, and tests/test_serve_units.py checks that th
 the message the protobuf API builds. Concatenated responses parse as one response holding all
 their frames (repeated fields append), which lets a stream's writer merge queued responses.
 
-Field numbers and types follow protos/sim/v1/sim.proto; a test compares them with the descriptor.
+Field numbers and wire types come from the generated descriptor of protos/sim/v1/sim.proto.
 """
 from __future__ import annotations
 
 import struct
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 
-# (field number, wire type) of sim.v1.Frame, and of StreamEncodeResponse.frames
-FIELDS = {"level": (1, 2), "index": (2, 0), "start_time": (3, 1), "mu": (4, 2), "logvar": (5, 2),
-          "kl": (6, 5), "maha": (7, 5), "ood_score": (8, 5), "p_value": (9, 5), "ood": (10, 0)}
-RESPONSE_FRAMES = (1, 2)
+from protos.sim.v1 import sim_pb2 as pb
+
+# wire type of each scalar field type used here (repeated fields of these messages are packed or
+# messages: wire type 2, length-delimited)
+_WIRE_TYPE = {FieldDescriptor.TYPE_STRING: 2, FieldDescriptor.TYPE_INT64: 0, FieldDescriptor.TYPE_DOUBLE: 1,
+              FieldDescriptor.TYPE_FLOAT: 5, FieldDescriptor.TYPE_BOOL: 0, FieldDescriptor.TYPE_MESSAGE: 2}
+
+
+def _number_and_wire_type(field: FieldDescriptor) -> tuple[int, int]:
+    return field.number, 2 if field.is_repeated else _WIRE_TYPE[field.type]
+
+
+# (field number, wire type) of sim.v1.Frame's fields and of StreamEncodeResponse.frames, read from the
+# generated descriptor so protos/sim/v1/sim.proto stays their only definition
+FIELDS = {f.name: _number_and_wire_type(f) for f in pb.Frame.DESCRIPTOR.fields}
+RESPONSE_FRAMES = _number_and_wire_type(pb.StreamEncodeResponse.DESCRIPTOR.fields_by_name["frames"])
 
 
 def varint(n: int) -> bytes:

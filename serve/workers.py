@@ -49,8 +49,9 @@ def worker_argv(argv: list[str], port: int, metrics_port: int | None, index: int
 
 def supervise(argv: list[str], workers: int, host: str, port: int, metrics_port: int | None) -> int:
     port = port or free_port(host)
-    procs = [subprocess.Popen(worker_argv(argv, port, metrics_port, i), stdout=subprocess.PIPE, text=True)
-             for i in range(workers)]
+    # own sessions: a terminal's Ctrl-C reaches only this process, which signals each worker once
+    procs = [subprocess.Popen(worker_argv(argv, port, metrics_port, i), stdout=subprocess.PIPE, text=True,
+                              start_new_session=True) for i in range(workers)]
     ready = threading.Event()
 
     def worker_ready(ls: list[str]) -> bool:  # its "listening on" line, and its metrics line if any
