@@ -96,10 +96,15 @@ class Batcher:
 
     def _gather(self) -> list[StreamSession]:
         """Feed pending audio into the runtime streams; the sessions that have work this tick."""
-        batch = []
+        batch, decoded = [], 0
         for s in list(self.sessions.values()):
             if s.dead or s.done or s.out.qsize() >= self.max_queued:
                 continue  # a client that does not read its results waits; its backlog stops its reads
+            try:
+                decoded += s.decode_raw()
+            except StreamError as err:
+                s.fail(err)
+                continue
             room = self.max_tick_samples - s.stream.buffered_samples
             while room > 0 and s.pending:
                 audio = s.take_pending()
@@ -113,6 +118,8 @@ class Batcher:
                 s.finished_told = True
             if s.stream.ready_hops > 0 or (s.finished_told and not s.stream.flushed):
                 batch.append(s)
+        if decoded:
+            self.metrics.audio_seconds.inc(decoded / self.model.sample_rate)
         return batch
 
     def _tick(self, batch: list[StreamSession]) -> tuple[float, list[tuple]]:
@@ -125,24 +132,22 @@ class Batcher:
                           s.stream.samples_received - s.stream.buffered_samples) for s in batch]
 
     def _deliver(self, batch: list[StreamSession], tick: tuple) -> None:
-        """Event loop: build each stream's response and queue it for the stream's writer."""
+        """Event loop: build the batch's responses (all streams at once) and queue each for its
+        stream's writer."""
         elapsed, results = tick
         self.metrics.batch_size.observe(len(batch))
         self.metrics.tick_duration.observe(elapsed)
-        tick_scores: dict[str, list] = {}
-        for s, (popped, flushed, processed) in zip(batch, results):
-            if s.dead:
-                continue
+        live = [(s, r) for s, r in zip(batch, results) if not s.dead]
+        responses, scored = self.builder.responses([(popped, s.levels, s.return_logvar)
+                                                    for s, (popped, _, _) in live])
+        for (s, (_, flushed, processed)), resp in zip(live, responses):
             s.processed = processed
             if s.backlog() <= s.max_backlog:
                 s.room.set()
-            resp, scored = self.builder.response(popped, s.levels, s.return_logvar)
-            for sc in scored:
-                tick_scores.setdefault(sc.level, []).append(sc)
             if resp is not None:
                 # the newest frames needed every sample up to the last processed hop (or the end)
                 s.out.put_nowait((resp, s.received + 1 if flushed else processed))
             if flushed:
                 s.done = True
                 s.out.put_nowait(END)
-        self.metrics.count_frames(tick_scores)
+        self.metrics.count_frames(scored)

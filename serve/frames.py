@@ -56,7 +56,7 @@ class FrameBuilder:
         key = (level, with_logvar)
         w = self._writers.get(key)
         if w is None:
-            w = self._writers[key] = LevelWriter(level, frames["mu"].shape[1], self.level_hops[level] / SAMPLE_RATE,
+            w = self._writers[key] = LevelWriter(level, frames["mu"].shape[1], self.level_hops[level], SAMPLE_RATE,
                                                  with_logvar, "kl" in frames, level in self.cal)
         return w
 
@@ -69,20 +69,40 @@ class FrameBuilder:
         return ScoredFrames(level, frames["index"], score, np.asarray(p_value(cal.reference, score)),
                             score > cal.threshold)
 
+    def responses(self, requests: list[tuple[dict[str, dict], tuple[str, ...], bool]]
+                  ) -> tuple[list[bytes | None], dict[str, list[ScoredFrames]]]:
+        """The serialised StreamEncodeResponse of each (popped frames, levels, return_logvar) of a
+        batch (None where none of the stream's levels has a new frame), and the scored frames per
+        level. Scoring and encoding run once per level over the frames of all streams."""
+        chunks: list[list] = [[] for _ in requests]
+        scored: dict[str, list[ScoredFrames]] = {}
+        for level in self.level_hops:
+            groups: dict[bool, list[tuple[int, dict]]] = {}
+            for i, (popped, levels, return_logvar) in enumerate(requests):
+                frames = popped.get(level)
+                if level in levels and frames is not None and len(frames["index"]):
+                    groups.setdefault(return_logvar and "logvar" in frames, []).append((i, frames))
+            for with_logvar, members in groups.items():
+                keys = [k for k in ("index", "mu", "logvar", "kl", "maha") if k in members[0][1]]
+                if len(members) == 1:
+                    joined = members[0][1]
+                else:
+                    joined = {k: np.concatenate([f[k] for _, f in members]) for k in keys
+                              if k != "logvar" or with_logvar}
+                sc = self.score(level, joined)
+                scored.setdefault(level, []).append(sc)
+                encoded = self._writer(level, joined, with_logvar).encode(
+                    joined["index"], joined["mu"], joined["logvar"] if with_logvar else None, joined.get("kl"),
+                    joined["maha"], sc.score, sc.p_value, sc.ood)
+                end = 0
+                for i, frames in members:
+                    start, end = end, end + len(frames["index"])
+                    chunks[i] += encoded.chunks(start, end)
+        return [b"".join(c) if c else None for c in chunks], scored
+
     def response(self, popped: dict[str, dict], levels: tuple[str, ...], return_logvar: bool
                  ) -> tuple[bytes | None, list[ScoredFrames]]:
-        """The serialised StreamEncodeResponse for the requested levels (None if none of them has a
-        new frame) and their scores."""
-        parts: list[bytes] = []
-        scored = []
-        for level in levels:
-            frames = popped.get(level)
-            if frames is None or len(frames["index"]) == 0:
-                continue
-            sc = self.score(level, frames)
-            scored.append(sc)
-            with_logvar = return_logvar and "logvar" in frames
-            self._writer(level, frames, with_logvar).write(
-                parts, frames["index"], frames["mu"], frames["logvar"] if with_logvar else None, frames.get("kl"),
-                frames["maha"], sc.score, sc.p_value, sc.ood)
-        return (b"".join(parts) if parts else None), scored
+        """One stream's serialised StreamEncodeResponse (None if none of its levels has a new
+        frame) and its scored frames."""
+        (data,), scored = self.responses([(popped, levels, return_logvar)])
+        return data, [sc for level in levels for sc in scored.get(level, [])]

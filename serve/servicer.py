@@ -12,7 +12,7 @@ import numpy as np
 from export.runtime import providers
 from protos.sim.v1 import sim_pb2 as pb
 from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-from serve.audio_codec import check_encoding, decode_audio
+from serve.audio_codec import check_encoding, check_length
 from serve.batcher import Batcher
 from serve.decoders import DecoderBank
 from serve.errors import StreamError, outcome_label
@@ -221,9 +221,8 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                                                                         "message may carry the config")
                 if kind != "audio":
                     raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "empty message: set config or audio")
-                samples = decode_audio(req.audio, session.encoding)
-                session.add_audio(samples)
-                self.metrics.audio_seconds.inc(samples.shape[0] / self.model.sample_rate)
+                data = req.audio
+                session.add_audio(data, check_length(data, session.encoding))
                 self.batcher.notify()
                 if not session.room.is_set():
                     await session.room.wait()

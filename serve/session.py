@@ -1,7 +1,8 @@
 """The server-side state of one StreamEncode call.
 
-Audio arrives on the event loop and waits in `pending` until the batcher hands it to the runtime
-stream between two steps; only the batcher touches the runtime stream, never while a step runs on
+Audio messages arrive on the event loop and wait, as received, in `raw`; the batcher decodes them
+once per tick (one conversion per stream instead of one per 10 ms message) and hands the samples
+to the runtime stream between two steps; only the batcher touches the runtime stream, never while a step runs on
 it (so a step in the worker thread never races with a new message). Results go to `out`, which the
 call's writer drains.
 """
@@ -15,6 +16,7 @@ import time
 import numpy as np
 from grpc import StatusCode
 
+from serve.audio_codec import decode_audio
 from serve.errors import StreamError
 from train.audio import SAMPLE_RATE
 
@@ -32,7 +34,9 @@ class StreamSession:
         self.return_logvar = return_logvar
         self.max_samples = max_samples
         self.max_backlog = max_backlog  # samples received but not yet processed before reading pauses
-        self.pending: list[np.ndarray] = []
+        self.raw: list[bytes] = []  # audio messages not decoded yet
+        self.decoded = 0  # samples decoded so far
+        self.pending: list[np.ndarray] = []  # decoded samples not handed to the runtime stream yet
         self.received = 0  # samples received
         self.processed = 0  # samples the runtime stream has consumed (stepped through)
         self.input_closed = False  # client half-closed
@@ -49,15 +53,15 @@ class StreamSession:
         self.last_message = 0.0  # event-loop time of the last message (idle limit)
 
     # --- event-loop side -------------------------------------------------------------------
-    def add_audio(self, samples: np.ndarray, now: float | None = None) -> None:
-        n = int(samples.shape[0])
+    def add_audio(self, data: bytes, n: int, now: float | None = None) -> None:
+        """One audio message: its bytes in the stream's encoding, holding n samples."""
         if n == 0:
             return
         if self.received + n > self.max_samples:
             raise StreamError(StatusCode.OUT_OF_RANGE,
                               f"stream exceeds the limit of {self.max_samples} samples "
                               f"({self.max_samples / SAMPLE_RATE:g} s); start a new stream")
-        self.pending.append(samples)
+        self.raw.append(data)
         self.received += n
         self._counts.append(self.received)
         self._times.append(time.monotonic() if now is None else now)
@@ -88,6 +92,18 @@ class StreamSession:
         return t
 
     # --- worker side (event loop, between steps) -------------------------------------------
+    def decode_raw(self) -> int:
+        """Decode the audio messages received since the last call into `pending`; the number of
+        samples. Raises StreamError (e.g. NaN samples)."""
+        if not self.raw:
+            return 0
+        data = self.raw[0] if len(self.raw) == 1 else b"".join(self.raw)
+        self.raw = []
+        samples = decode_audio(data, self.encoding, first_sample=self.decoded)
+        self.decoded += samples.shape[0]
+        self.pending.append(samples)
+        return samples.shape[0]
+
     def take_pending(self) -> np.ndarray | None:
         if not self.pending:
             return None

@@ -91,3 +91,42 @@ def test_bulk_histogram_exports_what_a_prometheus_histogram_would():
                       if line.startswith("sim_ood_score") and "_created" not in line)
 
     assert samples(metrics.registry) == samples(reference)
+
+
+def test_batched_responses_equal_each_streams_own_response():
+    """responses() encodes a level's frames of all streams together: each stream must still get
+    exactly its own frames, whatever its levels, logvar choice and index range (streams at
+    different varint widths, one crossing a width inside the batch)."""
+    rng = np.random.default_rng(5)
+    reference = np.sort(rng.gamma(2.0, 50.0, 300))
+    manifest = {"calibration": {"fpr": 0.01, "levels": {
+        lv: {"score": "kl" if lv != "ar" else "maha", "reference": reference.tolist(), "threshold": float(reference[-3])}
+        for lv in ("m1", "m3", "ar")}}}
+    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160})
+    dims = {"m1": 6, "m3": 5, "ar": 4}
+
+    def popped(start: int) -> dict:
+        out = {}
+        for level, per_hop in (("m1", 8), ("m3", 1), ("ar", 1)):
+            s, n = (start * 8, 16) if level == "m1" else (start, 2)
+            frames = {"index": np.arange(s, s + n, dtype=np.int64),
+                      "mu": rng.standard_normal((n, dims[level])).astype(np.float32),
+                      "maha": rng.gamma(2.0, 50.0, n).astype(np.float32)}
+            if level != "ar":
+                frames["logvar"] = rng.standard_normal((n, dims[level])).astype(np.float32)
+                frames["kl"] = rng.gamma(2.0, 50.0, n).astype(np.float32)
+            out[level] = frames
+        return out
+
+    requests = [(popped(0), ("m1", "m3", "ar"), False), (popped(2040), ("m1", "ar"), True),
+                (popped(15), ("m3",), True), (popped(300000), ("m1", "m3", "ar"), False),
+                ({}, ("m1",), False), (popped(7), ("ar",), False)]
+    data, scored = builder.responses(requests)
+    assert data[4] is None
+    for (p, levels, lv), got in zip(requests, data):
+        if p:
+            alone, _ = builder.response(p, levels, lv)
+            assert got == alone
+            assert pb.StreamEncodeResponse.FromString(got) == _reference_response(builder, p, levels, lv)
+    n_frames = {lv: sum(len(p[lv]["index"]) for p, levels, _ in requests if lv in levels and p) for lv in dims}
+    assert {lv: sum(s.score.size for s in parts) for lv, parts in scored.items()} == n_frames
