@@ -169,6 +169,11 @@ class StreamingModel:
         self._pool = _StatePool(self.state_spec)
 
     @property
+    def step_precision(self) -> str:
+        """"fp32", or "int8" for a step quantized by `export.onnx --int8`."""
+        return str((self.manifest.get("precision") or {}).get("step", "fp32"))
+
+    @property
     def active_providers(self) -> list[str]:
         """The execution providers the streaming sessions actually run on."""
         return list(self._step.get_providers())

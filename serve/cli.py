@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--idle-timeout", type=float, default=d.idle_timeout_seconds,
                     help="seconds a stream may send nothing before it ends with OUT_OF_RANGE (0: no limit) (default %(default)s)")
     ap.add_argument("--drain-grace", type=float, default=30.0, help="seconds open streams get to finish on SIGTERM (default %(default)s)")
-    ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: one per core)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="onnxruntime intra-op threads (default: 1 for an int8 step, which then leaves the other "
+                         "cores to gRPC; one per core for fp32)")
     ap.add_argument("--no-spin", dest="spin", action="store_false",
                     help="stop onnxruntime's threads from busy-waiting: saves about a core while idle, but costs "
                          "tail latency under load (default: spinning on)")

@@ -37,7 +37,7 @@ class ServerOptions:
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     drain_grace_seconds: float = 30.0
-    threads: int | None = None  # onnxruntime intra-op threads (None: onnxruntime's default)
+    threads: int | None = None  # onnxruntime intra-op threads (None: auto_threads())
     reuse_port: bool = False  # SO_REUSEPORT: other processes may serve the same port (serve.workers)
     spin: bool = True  # onnxruntime's threads busy-wait between steps (lower tail latency; a core when idle)
     max_hops_per_tick: int = 8
@@ -51,8 +51,10 @@ class Server:
         from export.runtime import StreamingModel, providers
 
         self.opts = opts
-        self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=opts.threads,
-                                    spin=opts.spin)
+        self.threads = opts.threads if opts.threads is not None else auto_threads(opts.model_dir)
+        self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=self.threads, spin=opts.spin)
+        log.info("streaming step: %s, onnxruntime intra-op threads: %s", self.model.step_precision,
+                 self.threads or "one per core")
         self.metrics = Metrics()
         self.decoders = DecoderBank(self.model.dir, self.model.manifest, self.model.level_dims, providers())
         self.builder = FrameBuilder(self.model.manifest, self.model.level_hops)
@@ -140,6 +142,23 @@ class Server:
             ready(self)
         await self.wait()
         await self.drain()
+
+
+def auto_threads(model_dir: str) -> int | None:
+    """onnxruntime intra-op threads when none are asked for: one for an int8 step, onnxruntime's
+    default (one per core) otherwise.
+
+    Measured on the 2-core VM (docs/benchmarks.md): the int8 step of 12-16 streams takes 6-8 ms on
+    one thread, so one thread keeps up and leaves the other core to gRPC, the event loop and the
+    clients, while two threads stall each other and them (12 streams: 3/3 runs within the p99
+    bound on one thread, 2/3 on two). The fp32 step needs both cores (one thread: no count passed)."""
+    from export.manifest import ManifestError, load_manifest
+
+    try:
+        manifest = load_manifest(model_dir, verify=False)
+    except ManifestError:
+        return None  # StreamingModel reports it
+    return 1 if (manifest.get("precision") or {}).get("step") == "int8" else None
 
 
 def _bracket(host: str) -> str:

@@ -276,7 +276,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                               "model_format": str(man.get("format", "")),
                               "model_code_version": str(man.get("code_version", "unknown")),
                               "checkpoint_sha256": str(man.get("checkpoint_sha256", "")),
-                              "step_precision": str((man.get("precision") or {}).get("step", "fp32"))})
+                              "step_precision": m.step_precision})
         lim = self.limits
         resp.limits.CopyFrom(pb.Limits(max_message_bytes=lim.max_message_bytes, max_streams=lim.max_streams,
                                        max_stream_seconds=lim.max_stream_seconds,

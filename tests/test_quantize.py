@@ -68,8 +68,15 @@ def test_int8_step_tracks_fp32_on_unseen_audio_and_ignores_its_batch(int8_model,
             np.testing.assert_allclose(got[key], alone[key], rtol=1e-5, atol=1e-5 * max(1.0, np.abs(alone[key]).max()))
 
 
-def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, tmp_path):
+def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, tmp_path, model):
     import grpc
+
+    from serve.server import auto_threads
+
+    # one onnxruntime thread for an int8 step unless asked otherwise; onnxruntime's default for fp32
+    fp32_model = model[0]
+    assert auto_threads(str(int8_model)) == 1 and auto_threads(str(fp32_model)) is None
+    assert StreamingModel(int8_model).step_precision == "int8" and StreamingModel(fp32_model).step_precision == "fp32"
 
     from clients.encoding import FrameCollector, file_requests
     from protos.sim.v1 import sim_pb2 as pb
