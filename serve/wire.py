@@ -68,8 +68,7 @@ class LevelWriter:
     def __init__(self, level: str, dim: int, hop_samples: int, sample_rate: int, with_logvar: bool, with_kl: bool,
                  with_p_value: bool):
         name = level.encode()
-        self.dim, self.hop_samples, self.sample_rate = dim, hop_samples, sample_rate
-        self.with_logvar, self.with_kl, self.with_p_value = with_logvar, with_kl, with_p_value
+        self.hop_samples, self.sample_rate = hop_samples, sample_rate
         body = bytearray(tag("level") + varint(len(name)) + name)
         self.blocks: list[tuple[str, int, np.dtype]] = []  # (what, offset in the body, element type)
 
@@ -103,8 +102,8 @@ class LevelWriter:
                maha: np.ndarray, score: np.ndarray, p_value: np.ndarray | None, ood: np.ndarray) -> "Encoded":
         """The wire bytes of these frames (as StreamEncodeResponse.frames entries)."""
         index = np.asarray(index, dtype=np.int64)
-        values = {"mu": mu, "logvar": logvar, "start_time": index * self.hop_samples / self.sample_rate, "kl": kl, "maha": maha,
-                  "ood_score": score, "p_value": p_value, "ood": ood}
+        values = {"mu": mu, "logvar": logvar, "start_time": index * self.hop_samples / self.sample_rate,
+                  "kl": kl, "maha": maha, "ood_score": score, "p_value": p_value, "ood": ood}
         widths = varint_widths(index)
         lo, hi = int(widths.min()), int(widths.max())
         groups = [lo] if lo == hi else sorted(set(widths.tolist()))
@@ -144,7 +143,8 @@ class Encoded:
         if b <= a:
             return []
         groups = self.row_group
-        if len(self.blobs) == 1 or groups[a] == groups[b - 1] and (groups[a:b] == groups[a]).all():
+        # one stream's indices increase, so its rows' groups (ordered by width) never decrease
+        if groups[a] == groups[b - 1]:
             blob, size = self.blobs[groups[a]]
             return [blob[self.row_offset[a]:self.row_offset[b - 1] + size]]
         out = []

@@ -62,11 +62,14 @@ def corpus_audio(small_corpus):
     return [load_audio(u.path) for u in utts[:2]]
 
 
-def test_providers_choose_cpu_when_cuda_cannot_run():
+def test_providers_choose_cpu_when_cuda_cannot_run(exported):
     chosen = providers()
     assert chosen[-1] == "CPUExecutionProvider" and chosen[0] in ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert providers() == chosen  # decided once
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 12, 13, 33, 64, 65)] == [1, 2, 4, 4, 8, 8, 12, 12, 16, 36, 64, 68]
+    # batches are padded to those buckets on CUDA only: on the CPU every size costs the same to start
+    model = StreamingModel(exported("sim"))
+    assert model.pad_batches == (model.active_providers[0] == "CUDAExecutionProvider")
 
 
 @pytest.mark.parametrize("method", ["sim", "gim", "cpc"])
