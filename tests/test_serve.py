@@ -246,6 +246,7 @@ def test_health_reflection_and_metrics(server, conn, speech):
 
     frames_before = server.metric("sim_frames_total", level="m3")
     ok_before = server.metric("sim_streams_total", outcome="ok")
+    audio_before = server.metric("sim_audio_seconds_total")
     got = stream(conn, speech, 1600)
     text = server.metrics()
     for name in ("sim_frame_latency_seconds_bucket", "sim_batch_size_bucket", "sim_active_streams",
@@ -255,6 +256,7 @@ def test_health_reflection_and_metrics(server, conn, speech):
 
     assert metric_value(text, "sim_frames_total", level="m3") == frames_before + got["m3"].shape[0]
     assert metric_value(text, "sim_streams_total", outcome="ok") == ok_before + 1
+    assert metric_value(text, "sim_audio_seconds_total") == pytest.approx(audio_before + speech.size / 16000)
     assert metric_value(text, "sim_frame_latency_seconds_count") > 0
     assert metric_value(text, "sim_ood_score_count", level="m3") >= got["m3"].shape[0]
     assert "stream_id" not in text and "peer" not in text  # no per-stream labels

@@ -77,12 +77,13 @@ AUDIO = audio_request(np.zeros(1600, np.float32))
     ([cfg(levels=["m1", "m1"])], "twice"),
     ([cfg(encoding=pb.LINEAR16), pb.StreamEncodeRequest(audio=b"\x00\x01\x02")], "3 bytes, not a multiple of 2"),
     ([cfg(), pb.StreamEncodeRequest(audio=b"\x00" * 6)], "6 bytes, not a multiple of 4"),
-    ([cfg(), audio_request(np.array([0.1, np.nan, 0.2], np.float32))], "NaN or infinite"),
+    ([cfg(), audio_request(np.array([0.1, np.nan, 0.2], np.float32))], "NaN or infinite samples (first at sample 1 "),
+    ([cfg(), AUDIO, audio_request(np.array([0.1, 0.2, np.nan], np.float32))], "first at sample 1602 of the stream"),
     ([cfg(), audio_request(np.array([0.1, np.inf], np.float32))], "NaN or infinite"),
     ([cfg(), pb.StreamEncodeRequest()], "empty message"),
     ([pb.StreamEncodeRequest()], "got an empty message"),
 ], ids=["audio-first", "config-twice", "rate-44100", "rate-8000", "encoding-unspecified", "encoding-unknown",
-        "level-unknown", "level-twice", "linear16-odd-bytes", "float32-odd-bytes", "nan", "inf", "empty", "empty-first"])
+        "level-unknown", "level-twice", "linear16-odd-bytes", "float32-odd-bytes", "nan", "nan-later", "inf", "empty", "empty-first"])
 def test_invalid_argument(server, requests, text):
     s, ch = stub(server)
     try:
