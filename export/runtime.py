@@ -17,9 +17,9 @@ Per stream (sherpa-onnx style):
     encode_streaming(model, audio, chunk_sizes) -> {"m1": (n, C), ..., "kl_m1": (n,), ...}
 
 On CUDA, batches are padded to a few sizes (1, 2, 4, 8, then multiples of 4) so the GPU sees a
-few fixed shapes; on the CPU they run unpadded (see bucket()). The recurrent state of every open stream lives in
-one row of a shared pool (one array per state tensor), so a batched step gathers and scatters
-each tensor once instead of stacking and splitting per stream.
+few fixed shapes; on the CPU they run unpadded (see bucket()). The recurrent state of every open
+stream lives in one row of a shared pool (one array per state tensor), so a batched step gathers
+and scatters each tensor once instead of stacking and splitting per stream.
 """
 from __future__ import annotations
 
@@ -105,8 +105,8 @@ def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int
 class _StatePool:
     """The recurrent state of every open stream: row r of each array belongs to one stream.
 
-    Row 0 is never handed out and stays zero: it pads batches up to their bucket (CUDA). A lock guards
-    the arrays, because streams are opened and closed on other threads than the one stepping."""
+    Row 0 is never handed out and stays zero: it pads batches up to their bucket (CUDA). A lock
+    guards the arrays, because streams are opened and closed on other threads than the one stepping."""
 
     def __init__(self, spec: list[dict], capacity: int = 16):
         self.lock = threading.Lock()

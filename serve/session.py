@@ -2,9 +2,9 @@
 
 Audio messages arrive on the event loop and wait, as received, in `raw`; the batcher decodes them
 once per tick (one conversion per stream instead of one per 10 ms message) and hands the samples
-to the runtime stream between two steps; only the batcher touches the runtime stream, never while a step runs on
-it (so a step in the worker thread never races with a new message). Results go to `out`, which the
-call's writer drains.
+to the runtime stream between two steps. Only the batcher touches the runtime stream, never while
+a step runs on it (so a step in the worker thread never races with a new message). Results go to
+`out`, which the call's writer drains.
 """
 from __future__ import annotations
 
