@@ -4,7 +4,8 @@
 
 Runs the model's step graph directly in onnxruntime (CPU provider) on real state: the batch
 first streams a few hops of noise, then every timed call steps all B streams by one hop. The
-median of --repeat calls is reported, in ms per call and ms per stream-hop; the compute bound
+median of --repeat calls is reported, in ms per call and ms per stream-hop (several models take
+turns call by call, so they are compared on the same machine state); the compute bound
 on real-time streams is then 10 ms / (ms per stream-hop), before any gRPC or Python cost.
 This is the number that moves most between machines (and between busy and quiet hours on a
 shared VM), so docs/benchmarks.md quotes it next to every capacity result.
@@ -25,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 from export.runtime import make_session  # noqa: E402
 
 
-def time_step(model_dir: Path, batch: int, threads: int | None, repeat: int, spin: bool) -> float:
+def prepare(model_dir: Path, batch: int, threads: int | None, spin: bool):
+    """A zero-argument function running one step of `batch` streams that have already taken a few
+    hops (real state, past the start-of-stream special case)."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
     session = make_session(model_dir / "step.onnx", threads, spin)
     names = [o.name for o in session.get_outputs()]
@@ -37,13 +40,8 @@ def time_step(model_dir: Path, batch: int, threads: int | None, repeat: int, spi
         audio = (0.1 * rng.standard_normal((batch, hop))).astype(np.float32)
         out = dict(zip(names, session.run(names, {"audio": audio, **state})))
         state = {s["name"]: out[f"next_{s['name']}"] for s in spec}
-    audio = (0.1 * rng.standard_normal((batch, hop))).astype(np.float32)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        session.run(names, {"audio": audio, **state})
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1000.0
+    feeds = {"audio": (0.1 * rng.standard_normal((batch, hop))).astype(np.float32), **state}
+    return lambda: session.run(names, feeds)
 
 
 def main() -> int:
@@ -52,18 +50,26 @@ def main() -> int:
     ap.add_argument("models", nargs="+", help="exported model directories (python -m export.onnx)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 12, 16, 32])
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: one per core)")
-    ap.add_argument("--repeat", type=int, default=50, help="timed calls per batch size (default %(default)s)")
+    ap.add_argument("--repeat", type=int, default=50, help="timed calls per batch size and model (default %(default)s)")
     ap.add_argument("--no-spin", dest="spin", action="store_false", help="onnxruntime threads do not busy-wait")
     args = ap.parse_args()
+    dirs = [Path(m) for m in args.models]
+    times = {(d, b): [] for d in dirs for b in args.batches}
+    for b in args.batches:
+        steps = [(d, prepare(d, b, args.threads, args.spin)) for d in dirs]
+        for _ in range(args.repeat):  # the models take turns, call by call: they see the same machine
+            for d, step in steps:
+                t0 = time.perf_counter()
+                step()
+                times[d, b].append(time.perf_counter() - t0)
     print("| model | step | " + " | ".join(f"B={b}" for b in args.batches) + " |")
     print("|---|---|" + "---|" * len(args.batches))
-    for m in args.models:
-        d = Path(m)
+    for d in dirs:
         man = json.loads((d / "manifest.json").read_text())
         precision = (man.get("precision") or {}).get("step", "fp32")
         cells = []
         for b in args.batches:
-            ms = time_step(d, b, args.threads, args.repeat, args.spin)
+            ms = float(np.median(times[d, b])) * 1000.0
             cells.append(f"{ms:.2f} ms ({ms / b:.2f}/stream)")
         print(f"| {d.name} ({man['dims']['channels']} ch) | {precision} | " + " | ".join(cells) + " |", flush=True)
     return 0

@@ -1,0 +1,98 @@
+"""Gemm -> int8 with a scale per row, computed at run time (used by `export.onnx --int8`).
+
+Static QDQ (export.quantize) gives an activation one fixed scale for every stream. The posterior
+heads and the Mahalanobis scorers write the outputs themselves, and a fixed scale cost them too
+much accuracy. Here each row of the Gemm's input (one frame of one stream) gets its own scale from
+its own largest magnitude, so a stream's frames still never depend on the other streams of a
+batch, and the error stays near the 8-bit rounding of that row:
+
+    s      = max(|x_row|, tiny) / 255 (a Relu's output, >= 0)  or  / 127 (signed input, zero point 128)
+    x_q    = QuantizeLinear(x, s per row)                      uint8
+    acc    = MatMulInteger(x_q, W_q [, zero point 128])        int32, W_q int8 per output column
+    y      = float(acc) * w_scale * s + bias
+
+The per-row product is applied after the per-column one: onnxruntime fuses MatMulInteger, Cast and
+a following Mul into one kernel that takes the first Mul's scale per column, so the per-row
+factor must not be that Mul (tests/test_quantize.py checks the result against numpy).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_PASS_THROUGH = {"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze"}
+
+
+def _non_negative(graph, tensor: str) -> bool:
+    """Whether the tensor is a Relu's output, maybe reshaped."""
+    producers = {o: n for n in graph.node for o in n.output}
+    node = producers.get(tensor)
+    while node is not None and node.op_type in _PASS_THROUGH:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type == "Relu"
+
+
+def rowquant_gemms(model, names: list[str]) -> list[str]:
+    """Rewrite the named Gemm nodes (2-D input, constant weight and bias, no transA, alpha = beta =
+    1) in place; returns the names rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    done = []
+    for node in list(graph.node):
+        if node.op_type != "Gemm" or node.name not in names:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            continue
+        if node.input[1] not in inits or (len(node.input) > 2 and node.input[2] not in inits):
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        if attrs.get("transB", 0):
+            w = w.T
+        bias = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2
+                else np.zeros(w.shape[1], np.float32))
+        w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+        w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+        unsigned = _non_negative(graph, node.input[0])
+        p = node.name.strip("/").replace("/", "_") + "_rq"
+        x, y = node.input[0], node.output[0]
+        new_inits = [numpy_helper.from_array(w_q, f"{p}_w"), numpy_helper.from_array(w_scale.astype(np.float32), f"{p}_ws"),
+                     numpy_helper.from_array(bias, f"{p}_b"),
+                     numpy_helper.from_array(np.array(1e-12, np.float32), f"{p}_tiny"),
+                     numpy_helper.from_array(np.array(255.0 if unsigned else 127.0, np.float32), f"{p}_levels"),
+                     numpy_helper.from_array(np.array([1], np.int64), f"{p}_axis1")]
+        zp = 0 if unsigned else 128
+        nodes = [
+            helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}/Abs"),
+            helper.make_node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], name=f"{p}/ReduceMax", axes=[1], keepdims=0),
+            helper.make_node("Max", [f"{p}_max", f"{p}_tiny"], [f"{p}_max1"], name=f"{p}/Max"),
+            helper.make_node("Div", [f"{p}_max1", f"{p}_levels"], [f"{p}_s"], name=f"{p}/Div"),
+            helper.make_node("Shape", [f"{p}_s"], [f"{p}_n"], name=f"{p}/Shape"),
+            helper.make_node("ConstantOfShape", [f"{p}_n"], [f"{p}_zp"], name=f"{p}/ZeroPoint",
+                             value=helper.make_tensor("v", TensorProto.UINT8, [1], [zp])),
+            helper.make_node("QuantizeLinear", [x, f"{p}_s", f"{p}_zp"], [f"{p}_xq"], name=f"{p}/Quantize", axis=0),
+        ]
+        if unsigned:
+            nodes.append(helper.make_node("MatMulInteger", [f"{p}_xq", f"{p}_w"], [f"{p}_acc"], name=f"{p}/MatMul"))
+        else:
+            new_inits.append(numpy_helper.from_array(np.array(zp, np.uint8), f"{p}_azp"))
+            nodes.append(helper.make_node("MatMulInteger", [f"{p}_xq", f"{p}_w", f"{p}_azp"], [f"{p}_acc"],
+                                          name=f"{p}/MatMul"))
+        nodes += [
+            helper.make_node("Cast", [f"{p}_acc"], [f"{p}_accf"], name=f"{p}/Cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{p}_accf", f"{p}_ws"], [f"{p}_cols"], name=f"{p}/MulCols"),
+            helper.make_node("Unsqueeze", [f"{p}_s", f"{p}_axis1"], [f"{p}_s2"], name=f"{p}/Unsqueeze"),
+            helper.make_node("Mul", [f"{p}_cols", f"{p}_s2"], [f"{p}_rows"], name=f"{p}/MulRows"),
+            helper.make_node("Add", [f"{p}_rows", f"{p}_b"], [y], name=f"{p}/Add"),
+        ]
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for k, n in enumerate(nodes):
+            graph.node.insert(at + k, n)
+        graph.initializer.extend(new_inits)
+        done.append(node.name)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:  # the replaced fp32 weights
+        graph.initializer.remove(init)
+    return done
