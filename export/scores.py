@@ -18,6 +18,7 @@ class Mahalanobis(nn.Module):
         whitening = np.asarray(whitening, dtype=np.float32)
         if whitening.shape != (mean.shape[0], mean.shape[0]):
             raise ValueError(f"whitening matrix {whitening.shape} does not fit mean {mean.shape}")
+        self.dim = int(mean.shape[0])
         self.register_buffer("whitening_t", torch.from_numpy(whitening.T.copy()))
         # W (mu - mean) = W mu - W mean: one Gemm with a bias (the shift) instead of a Sub and a MatMul
         self.register_buffer("shift", torch.from_numpy((-(whitening.astype(np.float64) @ mean.astype(np.float64)))
@@ -28,10 +29,12 @@ class Mahalanobis(nn.Module):
         """A standard-normal reference (mean 0, identity whitening): maha = ||mu||^2."""
         return cls(np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32))
 
-    def forward(self, mu: torch.Tensor) -> torch.Tensor:
-        """mu: (..., C) -> (...)"""
-        z = torch.addmm(self.shift, mu.reshape(-1, mu.shape[-1]), self.whitening_t)  # one Gemm in ONNX
-        return (z * z).sum(-1).reshape(mu.shape[:-1])
+    def forward(self, mu: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        """mu: (..., C) -> (...). frames: mu's fixed number of frames, (B, frames, C), for graphs
+        whose time length is fixed (the streaming ones): their reshapes then need no shape ops."""
+        z = torch.addmm(self.shift, mu.reshape(-1, self.dim), self.whitening_t)  # one Gemm in ONNX
+        z2 = (z * z).sum(-1)
+        return z2.reshape(-1, frames) if frames is not None else z2.reshape(mu.shape[:-1])
 
 
 def make_scorers(level_dims: dict[str, int], gaussians: dict[str, tuple[np.ndarray, np.ndarray]] | None

@@ -36,7 +36,9 @@ def conv1d_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     k = 2·stride: then the taps are two shifted views of the input cut into stride-long blocks,
     one Reshape and one Concat instead of k Slices."""
     c_out, c_in, k = weight.shape
-    n = (x.shape[1] - k) // stride + 1
+    # int(): the streaming graphs' time lengths are fixed, so the tracer records constants here
+    # instead of Shape/Gather/Div chains (dozens of small nodes that cost more than the glue they feed)
+    n = (int(x.shape[1]) - k) // stride + 1
     if k == 1 and stride == 1:
         u = x
     elif k == 2 * stride:
@@ -154,7 +156,7 @@ class _StreamingBase(nn.Module):
             outputs += [mu_t * vf.unsqueeze(2), valid]
             if self.variational and level != "ar":
                 outputs += [logvar_t * vf.unsqueeze(2), kl_to_standard_normal(mu_t, logvar_t) * vf]
-            outputs.append(self.scorers[level](mu_t) * vf)
+            outputs.append(self.scorers[level](mu_t, frames=int(mu_t.shape[1])) * vf)
         next_state = new_caches + [h, torch.ones_like(started)]
         return outputs, next_state
 

@@ -235,3 +235,14 @@ def test_runtime_and_manifest_import_without_torch(exported):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["(6,", "32)", "False"]
+
+
+def test_step_graph_has_fixed_time_shapes(exported):
+    """The step's time lengths are fixed, so its reshapes need no Shape/Gather chains (each a
+    few small onnxruntime nodes per step); only `started`'s ones_like reads a shape."""
+    import onnx
+
+    for method in ("sim", "cpc"):
+        graph = onnx.load(str(exported(method) / "step.onnx")).graph
+        shapes = [n for n in graph.node if n.op_type == "Shape"]
+        assert [n.input[0] for n in shapes] == ["started"], (method, [n.input[0] for n in shapes])
