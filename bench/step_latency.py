@@ -23,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from export.manifest import step_precision  # noqa: E402
 from export.runtime import make_session  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def main() -> int:
     print("|---|---|" + "---|" * len(args.batches))
     for d in dirs:
         man = json.loads((d / "manifest.json").read_text())
-        precision = (man.get("precision") or {}).get("step", "fp32")
+        precision = step_precision(man)
         cells = []
         for b in args.batches:
             ms = float(np.median(times[d, b])) * 1000.0

@@ -80,6 +80,11 @@ def write_manifest(model_dir: str | Path, manifest: dict) -> Path:
     return path
 
 
+def step_precision(manifest: dict) -> str:
+    """"fp32", or "int8" for a step quantized by `export.onnx --int8` (manifest "precision")."""
+    return str((manifest.get("precision") or {}).get("step", "fp32"))
+
+
 def p_value(reference_sorted: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """p = (1 + #{reference >= score}) / (N + 1) for each score (alibi-detect's practice).
 

@@ -8,7 +8,7 @@ other streams). The Mahalanobis scorers and the posterior heads after the first 
 weights and a scale per row computed at run time (export.rowquant: each row is one frame of one
 stream, so this too keeps streams independent); with static scales the heads had doubled the
 error. The first conv (raw audio in, 10 inputs per frame), the first module's heads (see
-row_quant_gemms) and the GRU stay fp32.
+quantization_targets) and the GRU stay fp32.
 
 Activation scales are the 0.01st and 99.99th percentiles of each quantized input on the
 calibration clips rather than its min and max: on the default CPU-trained model that took the
@@ -44,40 +44,31 @@ _CONV_GEMM = re.compile(r"^/Gemm(_\d+)?$")  # conv layers and heads
 _SCORER = re.compile(r"^/(m\d+|ar)/Gemm$")  # the Mahalanobis scorers
 
 
-def conv_gemms(model_path: Path, conv_kernels: set[int]) -> list[str]:
-    """Names of the step graph's conv-layer Gemms to quantize: inputs per row (kernel x input
-    channels) in conv_kernels, at least MIN_GEMM_INPUTS; heads (1 x channels) and scorers excluded."""
+def quantization_targets(model_path: Path, conv_kernels: set[int], channels: int) -> tuple[list[str], list[str]]:
+    """The step graph's Gemms to quantize, read in one pass:
+
+    - static QDQ: the conv layers, with inputs per row (kernel x input channels) in conv_kernels
+      and at least MIN_GEMM_INPUTS (the first conv, 10 raw samples per row, stays fp32);
+    - per-row (export.rowquant): the Mahalanobis scorers (/<level>/Gemm) and the posterior heads
+      (`channels` inputs per row) of every module but the first. The first module's heads stay
+      fp32: the m1 latents are a small difference of large products there, and int8 weights alone
+      took m1's error on the default model from 3.2 % to 4.4 %."""
     import onnx
 
     graph = onnx.load(str(model_path)).graph
     dims = {i.name: list(i.dims) for i in graph.initializer}
-    names = []
-    for node in graph.node:
-        if node.op_type == "Gemm" and _CONV_GEMM.match(node.name):
-            weight = dims.get(node.input[1])
-            if weight is not None and weight[0] in conv_kernels and weight[0] >= MIN_GEMM_INPUTS:
-                names.append(node.name)
-    return names
-
-
-def row_quant_gemms(model_path: Path, channels: int) -> list[str]:
-    """Names of the Gemms export.rowquant rewrites: the Mahalanobis scorers (/<level>/Gemm) and
-    the posterior heads (channels inputs per row) of every module but the first. The first
-    module's heads stay fp32: the m1 latents are a small difference of large products there, and
-    int8 weights alone took m1's error on the default model from 3.2 % to 4.4 %."""
-    import onnx
-
-    graph = onnx.load(str(model_path)).graph
-    dims = {i.name: list(i.dims) for i in graph.initializer}
-    heads, scorers = [], []
+    convs, heads, scorers = [], [], []
     for node in graph.node:
         if node.op_type != "Gemm":
             continue
+        inputs = (dims.get(node.input[1]) or [None])[0]
         if _SCORER.match(node.name):
             scorers.append(node.name)
-        elif _CONV_GEMM.match(node.name) and (dims.get(node.input[1]) or [None])[0] == channels:
+        elif _CONV_GEMM.match(node.name) and inputs == channels:
             heads.append(node.name)
-    return heads[1:] + scorers
+        elif _CONV_GEMM.match(node.name) and inputs in conv_kernels and inputs >= MIN_GEMM_INPUTS:
+            convs.append(node.name)
+    return convs, heads[1:] + scorers
 
 
 def conv_inputs(encoder) -> set[int]:
@@ -101,18 +92,17 @@ def step_feeds(model: StreamingModel, audios: list[np.ndarray], max_feeds: int, 
     return feeds
 
 
-def quantize_step(model_dir: Path, audios: list[np.ndarray], nodes: list[str], row_nodes: list[str] = (),
+def quantize_step(model_dir: Path, audios: list[np.ndarray], nodes: list[str], row_nodes: list[str],
                   seed: int = 0, max_feeds: int = 2000) -> dict:
     """Quantize DIR/step.onnx (fp32, as written) in place; the fp32 graph is kept as step.fp32.onnx.
     `nodes`: Gemms quantized statically; `row_nodes`: Gemms given per-row scales (export.rowquant).
 
     Returns the manifest's "quantization" entry (without the accuracy figures)."""
     import onnx
-
-    from export.rowquant import rowquant_gemms
-
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
+
+    from export.rowquant import rowquant_gemms
 
     fp32_path, int8_path = model_dir / STEP_FP32, model_dir / STEP
     shutil.copyfile(int8_path, fp32_path)
@@ -140,12 +130,11 @@ def quantize_step(model_dir: Path, audios: list[np.ndarray], nodes: list[str], r
                             extra_options={"CalibPercentile": CALIB_PERCENTILE})
     finally:
         root.setLevel(level)
+    row_done = []
     if row_nodes:
         graph = onnx.load(str(tmp))
-        row_done = rowquant_gemms(graph, list(row_nodes))
+        row_done = rowquant_gemms(graph, row_nodes)
         onnx.save(graph, str(tmp))
-    else:
-        row_done = []
     tmp.replace(int8_path)
     for extra in model_dir.glob("*-inferred.onnx"):  # the quantizer's scratch copies, if it leaves any
         extra.unlink()
@@ -193,8 +182,8 @@ def quantize_export(model_dir: Path, encoder, audios: list[np.ndarray], calib: d
     fp32_model = StreamingModel(model_dir, verify=False)
     fp32 = encode_streams(fp32_model, audios, [[fp32_model.hop]] * len(audios))
     try:
-        entry = quantize_step(model_dir, audios, conv_gemms(model_dir / STEP, conv_inputs(encoder)),
-                              row_quant_gemms(model_dir / STEP, encoder.dims.channels), seed)
+        convs, rows = quantization_targets(model_dir / STEP, conv_inputs(encoder), encoder.dims.channels)
+        entry = quantize_step(model_dir, audios, convs, rows, seed)
         int8_model = StreamingModel(model_dir, verify=False)
         int8 = encode_streams(int8_model, audios, [[int8_model.hop]] * len(audios))
         entry["accuracy"] = accuracy(fp32, int8, int8_model.levels)

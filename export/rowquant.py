@@ -24,9 +24,8 @@ import numpy as np
 _PASS_THROUGH = {"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze"}
 
 
-def _non_negative(graph, tensor: str) -> bool:
-    """Whether the tensor is a Relu's output, maybe reshaped."""
-    producers = {o: n for n in graph.node for o in n.output}
+def _non_negative(producers: dict, tensor: str) -> bool:
+    """Whether the tensor is a Relu's output, maybe reshaped (producers: output name -> node)."""
     node = producers.get(tensor)
     while node is not None and node.op_type in _PASS_THROUGH:
         node = producers.get(node.input[0])
@@ -40,6 +39,7 @@ def rowquant_gemms(model, names: list[str]) -> list[str]:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}  # the Gemms' inputs are not rewritten
     done = []
     for node in list(graph.node):
         if node.op_type != "Gemm" or node.name not in names:
@@ -56,10 +56,11 @@ def rowquant_gemms(model, names: list[str]) -> list[str]:
                 else np.zeros(w.shape[1], np.float32))
         w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
         w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
-        unsigned = _non_negative(graph, node.input[0])
+        unsigned = _non_negative(producers, node.input[0])
         p = node.name.strip("/").replace("/", "_") + "_rq"
         x, y = node.input[0], node.output[0]
-        new_inits = [numpy_helper.from_array(w_q, f"{p}_w"), numpy_helper.from_array(w_scale.astype(np.float32), f"{p}_ws"),
+        new_inits = [numpy_helper.from_array(w_q, f"{p}_w"),
+                     numpy_helper.from_array(w_scale.astype(np.float32), f"{p}_ws"),
                      numpy_helper.from_array(bias, f"{p}_b"),
                      numpy_helper.from_array(np.array(1e-12, np.float32), f"{p}_tiny"),
                      numpy_helper.from_array(np.array(255.0 if unsigned else 127.0, np.float32), f"{p}_levels"),

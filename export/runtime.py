@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from export.manifest import load_manifest
+from export.manifest import load_manifest, step_precision
 
 # A 69-byte ONNX model (one Identity node, opset 17) used to find out whether CUDA really works here:
 # onnxruntime-gpu lists CUDAExecutionProvider even where the CUDA libraries are missing.
@@ -174,7 +174,7 @@ class StreamingModel:
     @property
     def step_precision(self) -> str:
         """"fp32", or "int8" for a step quantized by `export.onnx --int8`."""
-        return str((self.manifest.get("precision") or {}).get("step", "fp32"))
+        return step_precision(self.manifest)
 
     @property
     def active_providers(self) -> list[str]:

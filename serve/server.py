@@ -152,13 +152,13 @@ def auto_threads(model_dir: str) -> int | None:
     one thread, so one thread keeps up and leaves the other core to gRPC, the event loop and the
     clients, while two threads stall each other and them (12 streams: 3/3 runs within the p99
     bound on one thread, 2/3 on two). The fp32 step needs both cores (one thread: no count passed)."""
-    from export.manifest import ManifestError, load_manifest
+    from export.manifest import ManifestError, load_manifest, step_precision
 
     try:
         manifest = load_manifest(model_dir, verify=False)
     except ManifestError:
         return None  # StreamingModel reports it
-    return 1 if (manifest.get("precision") or {}).get("step") == "int8" else None
+    return 1 if step_precision(manifest) == "int8" else None
 
 
 def _bracket(host: str) -> str:
