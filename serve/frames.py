@@ -35,10 +35,9 @@ def calibrations(manifest: dict) -> dict[str, LevelCalibration]:
 
 @dataclass
 class ScoredFrames:
-    """One level's frames of one response, scored."""
+    """One level's frames of a batch (or of one response), scored."""
 
     level: str
-    index: np.ndarray
     score: np.ndarray
     p_value: np.ndarray | None
     ood: np.ndarray
@@ -65,9 +64,8 @@ class FrameBuilder:
         kind = cal.score if cal is not None else ("kl" if "kl" in frames else "maha")
         score = np.asarray(frames[kind], dtype=np.float64)
         if cal is None:
-            return ScoredFrames(level, frames["index"], score, None, np.zeros(score.shape, dtype=bool))
-        return ScoredFrames(level, frames["index"], score, np.asarray(p_value(cal.reference, score)),
-                            score > cal.threshold)
+            return ScoredFrames(level, score, None, np.zeros(score.shape, dtype=bool))
+        return ScoredFrames(level, score, np.asarray(p_value(cal.reference, score)), score > cal.threshold)
 
     def responses(self, requests: list[tuple[dict[str, dict], tuple[str, ...], bool]]
                   ) -> tuple[list[bytes | None], dict[str, list[ScoredFrames]]]:
@@ -83,12 +81,12 @@ class FrameBuilder:
                 if level in levels and frames is not None and len(frames["index"]):
                     groups.setdefault(return_logvar and "logvar" in frames, []).append((i, frames))
             for with_logvar, members in groups.items():
-                keys = [k for k in ("index", "mu", "logvar", "kl", "maha") if k in members[0][1]]
                 if len(members) == 1:
                     joined = members[0][1]
-                else:
-                    joined = {k: np.concatenate([f[k] for _, f in members]) for k in keys
-                              if k != "logvar" or with_logvar}
+                else:  # logvar only where it is sent
+                    keys = [k for k in ("index", "mu", "logvar", "kl", "maha")
+                            if k in members[0][1] and (k != "logvar" or with_logvar)]
+                    joined = {k: np.concatenate([f[k] for _, f in members]) for k in keys}
                 sc = self.score(level, joined)
                 scored.setdefault(level, []).append(sc)
                 encoded = self._writer(level, joined, with_logvar).encode(
