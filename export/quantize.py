@@ -4,11 +4,11 @@ The fp32 step graph spends most of its time in the Gemms of conv layers 2-5. Tho
 statically (onnxruntime QDQ): int8 weights per output channel, uint8 activations with FIXED
 scales measured on the calibration audio, so every stream's frames still depend on that stream
 alone (dynamic quantization would take its activation scale from the whole batch, i.e. from the
-other streams). The Mahalanobis scorers and the posterior heads after the first module get int8
-weights and a scale per row computed at run time (export.rowquant: each row is one frame of one
-stream, so this too keeps streams independent); with static scales the heads had doubled the
-error. The first conv (raw audio in, 10 inputs per frame), the first module's heads (see
-quantization_targets) and the GRU stay fp32.
+other streams). The Mahalanobis scorers and the posterior heads get int8 weights and a scale per
+row computed at run time (export.rowquant: each row is one frame of one stream, so this too keeps
+streams independent); with static scales the heads had doubled the error. The first module's heads
+get two int8 parts per weight (see quantization_targets). The first conv (raw audio in, 10 inputs
+per frame) and the GRU stay fp32.
 
 Activation scales are the 0.01st and 99.99th percentiles of each quantized input on the
 calibration clips rather than its min and max: on the default CPU-trained model that took the
@@ -44,15 +44,17 @@ _CONV_GEMM = re.compile(r"^/Gemm(_\d+)?$")  # conv layers and heads
 _SCORER = re.compile(r"^/(m\d+|ar)/Gemm$")  # the Mahalanobis scorers
 
 
-def quantization_targets(model_path: Path, conv_kernels: set[int], channels: int) -> tuple[list[str], list[str]]:
-    """The step graph's Gemms to quantize, read in one pass:
+def quantization_targets(model_path: Path, conv_kernels: set[int], channels: int
+                         ) -> tuple[list[str], list[str], list[str]]:
+    """The step graph's Gemms to quantize, read in one pass: (static, per-row, two-part).
 
     - static QDQ: the conv layers, with inputs per row (kernel x input channels) in conv_kernels
       and at least MIN_GEMM_INPUTS (the first conv, 10 raw samples per row, stays fp32);
     - per-row (export.rowquant): the Mahalanobis scorers (/<level>/Gemm) and the posterior heads
-      (`channels` inputs per row) of every module but the first. The first module's heads stay
-      fp32: the m1 latents are a small difference of large products there, and int8 weights alone
-      took m1's error on the default model from 3.2 % to 4.4 %."""
+      (`channels` inputs per row) of every module;
+    - two-part: of those, the first module's heads get each weight as two int8 parts (about 15
+      bits): the m1 latents are a small difference of large products there, and one int8 part
+      alone took m1's error on the default model from 3.2 % to 4.4 % (two parts: 3.3 %)."""
     import onnx
 
     graph = onnx.load(str(model_path)).graph
@@ -68,7 +70,7 @@ def quantization_targets(model_path: Path, conv_kernels: set[int], channels: int
             heads.append(node.name)
         elif _CONV_GEMM.match(node.name) and inputs in conv_kernels and inputs >= MIN_GEMM_INPUTS:
             convs.append(node.name)
-    return convs, heads[1:] + scorers
+    return convs, heads + scorers, heads[:1]
 
 
 def conv_inputs(encoder) -> set[int]:
@@ -93,9 +95,10 @@ def step_feeds(model: StreamingModel, audios: list[np.ndarray], max_feeds: int, 
 
 
 def quantize_step(model_dir: Path, audios: list[np.ndarray], nodes: list[str], row_nodes: list[str],
-                  seed: int = 0, max_feeds: int = 2000) -> dict:
+                  two_part: list[str] = (), seed: int = 0, max_feeds: int = 2000) -> dict:
     """Quantize DIR/step.onnx (fp32, as written) in place; the fp32 graph is kept as step.fp32.onnx.
-    `nodes`: Gemms quantized statically; `row_nodes`: Gemms given per-row scales (export.rowquant).
+    `nodes`: Gemms quantized statically; `row_nodes`: Gemms given per-row scales (export.rowquant),
+    those also in `two_part` with two-part weights.
 
     Returns the manifest's "quantization" entry (without the accuracy figures)."""
     import onnx
@@ -133,15 +136,17 @@ def quantize_step(model_dir: Path, audios: list[np.ndarray], nodes: list[str], r
     row_done = []
     if row_nodes:
         graph = onnx.load(str(tmp))
-        row_done = rowquant_gemms(graph, row_nodes)
+        row_done = rowquant_gemms(graph, row_nodes, frozenset(two_part))
         onnx.save(graph, str(tmp))
     tmp.replace(int8_path)
     for extra in model_dir.glob("*-inferred.onnx"):  # the quantizer's scratch copies, if it leaves any
         extra.unlink()
     return {"graph": STEP, "fp32_graph": STEP_FP32, "method": "static QDQ: int8 per-channel weights, uint8 "
             f"activations with fixed scales (percentile {CALIB_PERCENTILE}), conv layers 2-5; int8 weights and "
-            "a run-time scale per row (frame) for the Mahalanobis scorers and the heads after the first module",
-            "nodes": nodes, "row_quantized": row_done, "calibration_feeds": len(feeds)}
+            "a run-time scale per row (frame) for the Mahalanobis scorers and the posterior heads (the first "
+            "module's heads with two int8 parts per weight)",
+            "nodes": nodes, "row_quantized": row_done, "two_part": [n for n in row_done if n in two_part],
+            "calibration_feeds": len(feeds)}
 
 
 def accuracy(fp32: list[dict], int8: list[dict], levels: list[str]) -> dict:
@@ -182,8 +187,8 @@ def quantize_export(model_dir: Path, encoder, audios: list[np.ndarray], calib: d
     fp32_model = StreamingModel(model_dir, verify=False)
     fp32 = encode_streams(fp32_model, audios, [[fp32_model.hop]] * len(audios))
     try:
-        convs, rows = quantization_targets(model_dir / STEP, conv_inputs(encoder), encoder.dims.channels)
-        entry = quantize_step(model_dir, audios, convs, rows, seed)
+        convs, rows, two_part = quantization_targets(model_dir / STEP, conv_inputs(encoder), encoder.dims.channels)
+        entry = quantize_step(model_dir, audios, convs, rows, two_part, seed)
         int8_model = StreamingModel(model_dir, verify=False)
         int8 = encode_streams(int8_model, audios, [[int8_model.hop]] * len(audios))
         entry["accuracy"] = accuracy(fp32, int8, int8_model.levels)

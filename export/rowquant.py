@@ -11,6 +11,11 @@ batch, and the error stays near the 8-bit rounding of that row:
     acc    = MatMulInteger(x_q, W_q [, zero point 128])        int32, W_q int8 per output column
     y      = float(acc) * w_scale * s + bias
 
+Two-part weights (the `two_part` Gemms): W ~ W_q * w_scale + W_lo * w_scale / 254, W_lo the int8
+rounding of what W_q's rounding left, so a weight keeps about 15 bits. Both parts go through ONE
+MatMulInteger (columns side by side) whose two halves are added after their column scales; it
+costs twice the int8 work of one part, still about half the fp32 Gemm's time on AVX512-VNNI.
+
 The per-row product is applied after the per-column one: onnxruntime's MatMulIntegerToFloat
 fusion folds MatMulInteger, Cast and the Mul after them into one kernel, correct for a per-column
 scale but not for a per-row one (onnxruntime 1.31.1: 13 % error with the row scale in that Mul,
@@ -32,9 +37,10 @@ def _non_negative(producers: dict, tensor: str) -> bool:
     return node is not None and node.op_type == "Relu"
 
 
-def rowquant_gemms(model, names: list[str]) -> list[str]:
+def rowquant_gemms(model, names: list[str], two_part: frozenset[str] = frozenset()) -> list[str]:
     """Rewrite the named Gemm nodes (2-D input, constant weight and bias, no transA, alpha = beta =
-    1) in place; returns the names rewritten."""
+    1) in place; returns the names rewritten. Those also in `two_part` get each weight as the sum of two
+    int8 parts (the second one quantizes what the first one's rounding left)."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -56,6 +62,12 @@ def rowquant_gemms(model, names: list[str]) -> list[str]:
                 else np.zeros(w.shape[1], np.float32))
         w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
         w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+        split = node.name in two_part
+        if split:
+            lo_scale = w_scale / 254.0
+            w_lo = np.clip(np.round((w - w_q * w_scale) / lo_scale), -127, 127).astype(np.int8)
+            w_q = np.concatenate([w_q, w_lo], axis=1)
+            w_scale = np.concatenate([w_scale, lo_scale])
         unsigned = _non_negative(producers, node.input[0])
         p = node.name.strip("/").replace("/", "_") + "_rq"
         x, y = node.input[0], node.output[0]
@@ -66,16 +78,25 @@ def rowquant_gemms(model, names: list[str]) -> list[str]:
                      numpy_helper.from_array(np.array(255.0 if unsigned else 127.0, np.float32), f"{p}_levels"),
                      numpy_helper.from_array(np.array([1], np.int64), f"{p}_axis1")]
         zp = 0 if unsigned else 128
-        nodes = [
-            helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}/Abs"),
-            helper.make_node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], name=f"{p}/ReduceMax", axes=[1], keepdims=0),
+        if unsigned:  # no Abs, and QuantizeLinear's default zero point (0, uint8)
+            nodes = [helper.make_node("ReduceMax", [x], [f"{p}_max"], name=f"{p}/ReduceMax", axes=[1], keepdims=0)]
+        else:
+            nodes = [helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}/Abs"),
+                     helper.make_node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], name=f"{p}/ReduceMax", axes=[1],
+                                      keepdims=0)]
+        nodes += [
             helper.make_node("Max", [f"{p}_max", f"{p}_tiny"], [f"{p}_max1"], name=f"{p}/Max"),
             helper.make_node("Div", [f"{p}_max1", f"{p}_levels"], [f"{p}_s"], name=f"{p}/Div"),
-            helper.make_node("Shape", [f"{p}_s"], [f"{p}_n"], name=f"{p}/Shape"),
-            helper.make_node("ConstantOfShape", [f"{p}_n"], [f"{p}_zp"], name=f"{p}/ZeroPoint",
-                             value=helper.make_tensor("v", TensorProto.UINT8, [1], [zp])),
-            helper.make_node("QuantizeLinear", [x, f"{p}_s", f"{p}_zp"], [f"{p}_xq"], name=f"{p}/Quantize", axis=0),
         ]
+        if unsigned:
+            nodes.append(helper.make_node("QuantizeLinear", [x, f"{p}_s"], [f"{p}_xq"], name=f"{p}/Quantize", axis=0))
+        else:  # the per-row zero point must have the scale's shape
+            nodes += [
+                helper.make_node("Shape", [f"{p}_s"], [f"{p}_n"], name=f"{p}/Shape"),
+                helper.make_node("ConstantOfShape", [f"{p}_n"], [f"{p}_zp"], name=f"{p}/ZeroPoint",
+                                 value=helper.make_tensor("v", TensorProto.UINT8, [1], [zp])),
+                helper.make_node("QuantizeLinear", [x, f"{p}_s", f"{p}_zp"], [f"{p}_xq"], name=f"{p}/Quantize", axis=0),
+            ]
         if unsigned:
             nodes.append(helper.make_node("MatMulInteger", [f"{p}_xq", f"{p}_w"], [f"{p}_acc"], name=f"{p}/MatMul"))
         else:
@@ -84,7 +105,12 @@ def rowquant_gemms(model, names: list[str]) -> list[str]:
                                           name=f"{p}/MatMul"))
         nodes += [
             helper.make_node("Cast", [f"{p}_acc"], [f"{p}_accf"], name=f"{p}/Cast", to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{p}_accf", f"{p}_ws"], [f"{p}_cols"], name=f"{p}/MulCols"),
+            helper.make_node("Mul", [f"{p}_accf", f"{p}_ws"], [f"{p}_cols2" if split else f"{p}_cols"],
+                             name=f"{p}/MulCols")]
+        if split:
+            nodes += [helper.make_node("Split", [f"{p}_cols2"], [f"{p}_hi", f"{p}_lo"], name=f"{p}/Split", axis=1),
+                      helper.make_node("Add", [f"{p}_hi", f"{p}_lo"], [f"{p}_cols"], name=f"{p}/AddParts")]
+        nodes += [
             helper.make_node("Unsqueeze", [f"{p}_s", f"{p}_axis1"], [f"{p}_s2"], name=f"{p}/Unsqueeze"),
             helper.make_node("Mul", [f"{p}_cols", f"{p}_s2"], [f"{p}_rows"], name=f"{p}/MulRows"),
             helper.make_node("Add", [f"{p}_rows", f"{p}_b"], [y], name=f"{p}/Add"),
