@@ -131,3 +131,39 @@ def test_batched_responses_equal_each_streams_own_response():
             assert pb.StreamEncodeResponse.FromString(got) == _reference_response(builder, p, levels, lv)
     n_frames = {lv: sum(len(p[lv]["index"]) for p, levels, _ in requests if lv in levels and p) for lv in dims}
     assert {lv: sum(s.score.size for s in parts) for lv, parts in scored.items()} == n_frames
+
+
+def test_tick_hops_steps_real_time_streams_together_and_files_in_bulk():
+    from serve.batcher import tick_hops
+
+    assert tick_hops([1] * 10 + [2] * 2, 8) == 1  # two early messages wait for the next tick
+    assert tick_hops([2] * 7 + [1] * 5, 8) == 2  # most streams have two: two runs
+    assert tick_hops([40], 8) == 8  # a lone file: up to the cap
+    assert tick_hops([0, 0, 5, 5, 1], 8) == 5 and tick_hops([0, 0], 8) == 1 and tick_hops([], 8) == 1
+
+
+def test_gather_defers_an_early_hop_but_lets_a_stream_far_behind_catch_up(model):
+    """Batcher._gather on a real model: ten streams with one hop and one with two step one hop each
+    (the second waits for the next tick); a stream CATCH_UP_HOPS or more behind steps all its hops."""
+    from export.runtime import StreamingModel
+    from serve.batcher import CATCH_UP_HOPS, Batcher
+    from serve.session import StreamSession
+
+    m = StreamingModel(model[0])
+    batcher = Batcher(m, FrameBuilder(m.manifest, m.level_hops), Metrics(), max_hops_per_tick=8)
+    rng = np.random.default_rng(0)
+    hops = [1] * 10 + [2, CATCH_UP_HOPS + 2]
+    sessions = []
+    for n in hops:
+        s = StreamSession(m.create_stream(), ("m1",), False, pb.FLOAT32, 10**7, 10**7)
+        s.add_audio((0.1 * rng.standard_normal(n * m.hop + 7)).astype("<f4").tobytes(), n * m.hop + 7)
+        batcher.add(s)
+        sessions.append(s)
+    batch = batcher._gather()
+    assert len(batch) == len(hops)
+    assert [s.stream.ready_hops for s in sessions] == [1] * 11 + [CATCH_UP_HOPS + 2]
+    m.decode_streams([s.stream for s in batch])
+    assert [s.stream.frames_emitted("m3") for s in sessions] == [0] * 11 + [CATCH_UP_HOPS + 1]  # first hop: phantom
+    batch = batcher._gather()  # the deferred hop, and the first stream's 7 spare samples
+    assert [s.stream.ready_hops for s in batch] == [1] and batch[0] is sessions[10]
+    assert sessions[0].stream.buffered_samples == 7
