@@ -77,32 +77,29 @@ def rowquant_gemms(model, names: list[str], two_part: frozenset[str] = frozenset
                      numpy_helper.from_array(np.array(1e-12, np.float32), f"{p}_tiny"),
                      numpy_helper.from_array(np.array(255.0 if unsigned else 127.0, np.float32), f"{p}_levels"),
                      numpy_helper.from_array(np.array([1], np.int64), f"{p}_axis1")]
-        zp = 0 if unsigned else 128
-        if unsigned:  # no Abs, and QuantizeLinear's default zero point (0, uint8)
-            nodes = [helper.make_node("ReduceMax", [x], [f"{p}_max"], name=f"{p}/ReduceMax", axes=[1], keepdims=0)]
-        else:
-            nodes = [helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}/Abs"),
-                     helper.make_node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], name=f"{p}/ReduceMax", axes=[1],
-                                      keepdims=0)]
+        # unsigned: no Abs, and QuantizeLinear's default zero point (0, uint8); signed: a per-row
+        # zero point of 128, which must have the scale's shape
+        nodes = [] if unsigned else [helper.make_node("Abs", [x], [f"{p}_abs"], name=f"{p}/Abs")]
         nodes += [
+            helper.make_node("ReduceMax", [x if unsigned else f"{p}_abs"], [f"{p}_max"], name=f"{p}/ReduceMax",
+                             axes=[1], keepdims=0),
             helper.make_node("Max", [f"{p}_max", f"{p}_tiny"], [f"{p}_max1"], name=f"{p}/Max"),
             helper.make_node("Div", [f"{p}_max1", f"{p}_levels"], [f"{p}_s"], name=f"{p}/Div"),
         ]
         if unsigned:
-            nodes.append(helper.make_node("QuantizeLinear", [x, f"{p}_s"], [f"{p}_xq"], name=f"{p}/Quantize", axis=0))
-        else:  # the per-row zero point must have the scale's shape
+            nodes += [
+                helper.make_node("QuantizeLinear", [x, f"{p}_s"], [f"{p}_xq"], name=f"{p}/Quantize", axis=0),
+                helper.make_node("MatMulInteger", [f"{p}_xq", f"{p}_w"], [f"{p}_acc"], name=f"{p}/MatMul"),
+            ]
+        else:
+            new_inits.append(numpy_helper.from_array(np.array(128, np.uint8), f"{p}_azp"))
             nodes += [
                 helper.make_node("Shape", [f"{p}_s"], [f"{p}_n"], name=f"{p}/Shape"),
                 helper.make_node("ConstantOfShape", [f"{p}_n"], [f"{p}_zp"], name=f"{p}/ZeroPoint",
-                                 value=helper.make_tensor("v", TensorProto.UINT8, [1], [zp])),
+                                 value=helper.make_tensor("v", TensorProto.UINT8, [1], [128])),
                 helper.make_node("QuantizeLinear", [x, f"{p}_s", f"{p}_zp"], [f"{p}_xq"], name=f"{p}/Quantize", axis=0),
+                helper.make_node("MatMulInteger", [f"{p}_xq", f"{p}_w", f"{p}_azp"], [f"{p}_acc"], name=f"{p}/MatMul"),
             ]
-        if unsigned:
-            nodes.append(helper.make_node("MatMulInteger", [f"{p}_xq", f"{p}_w"], [f"{p}_acc"], name=f"{p}/MatMul"))
-        else:
-            new_inits.append(numpy_helper.from_array(np.array(zp, np.uint8), f"{p}_azp"))
-            nodes.append(helper.make_node("MatMulInteger", [f"{p}_xq", f"{p}_w", f"{p}_azp"], [f"{p}_acc"],
-                                          name=f"{p}/MatMul"))
         nodes += [
             helper.make_node("Cast", [f"{p}_acc"], [f"{p}_accf"], name=f"{p}/Cast", to=TensorProto.FLOAT),
             helper.make_node("Mul", [f"{p}_accf", f"{p}_ws"], [f"{p}_cols2" if split else f"{p}_cols"],
