@@ -55,10 +55,10 @@ def main() -> int:
     pick = np.random.default_rng(args.seed).choice(len(utts), min(args.clips, len(utts)), replace=False)
     audios = [load_audio(utts[i].path) for i in pick]
     int8_model = StreamingModel(model_dir)
-    int8 = encode_streams(int8_model, audios, [[160]] * len(audios))
+    hops = [[int8_model.hop]] * len(audios)  # one hop per chunk, as a live stream
+    int8 = encode_streams(int8_model, audios, hops)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = encode_streams(StreamingModel(fp32_view(model_dir, Path(tmp)), verify=False), audios,
-                              [[160]] * len(audios))
+        fp32 = encode_streams(StreamingModel(fp32_view(model_dir, Path(tmp)), verify=False), audios, hops)
     cal = int8_model.manifest["calibration"]["levels"]
     print(f"{len(audios)} clips of the {args.split} split, seed {args.seed}")
     print("| level | relative RMS error | mean / lowest frame cosine | int8 flag rate at the threshold |")

@@ -36,8 +36,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from export.manifest import step_precision  # noqa: E402
 from protos.sim.v1 import sim_pb2 as pb  # noqa: E402
 from protos.sim.v1 import sim_pb2_grpc as pb_grpc  # noqa: E402
+from serve import announce  # noqa: E402
 from train.audio import HOP, SAMPLE_RATE  # noqa: E402
 
 WARMUP_S = 1.0
@@ -102,10 +104,11 @@ class Server:
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError("the server did not start")
-            if m := re.match(r"listening on [^ ]+:(\d+) \((?:(\d+) workers)?", line):
-                self.port, workers = int(m.group(1)), int(m.group(2) or 1)
-            if m := re.match(r"(?:worker \d+ )?metrics on http://[^ ]+:(\d+)/", line):
-                self.metrics_ports.append(int(m.group(1)))
+            ready = announce.parse(line)
+            if ready is not None and ready.kind == "listening":
+                self.port, workers = ready.port, ready.workers
+            elif ready is not None:
+                self.metrics_ports.append(ready.port)
 
     def metric(self, name: str) -> float:
         """The metric summed over the server's processes (one per --workers)."""
@@ -239,7 +242,7 @@ def main() -> int:
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
     header = (f"# serve capacity, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} cores; "
               f"model {manifest['method']} {manifest['dims']['channels']} ch / GRU {manifest['dims']['hidden']}, "
-              f"step {(manifest.get('precision') or {}).get('step', 'fp32')}; "
+              f"step {step_precision(manifest)}; "
               f"levels {args.levels}; {args.seconds:g} s per stream; p99 bound {args.p99_ms:g} ms; "
               f"server options: {args.server_args or 'defaults'}; "
               f"{'a channel per stream' if args.channel_per_stream else 'one channel'}")

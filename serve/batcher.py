@@ -47,7 +47,7 @@ class Batcher:
         self.batch_wait_s = batch_wait_s  # after waking, wait this long for more streams to fill the batch
         self.builder = builder
         self.metrics = metrics
-        self.max_tick_samples = max_hops_per_tick * model.hop
+        self.max_hops = max_hops_per_tick
         self.max_queued = max_queued_responses
         self.sessions: dict[int, StreamSession] = {}
         self._wake = asyncio.Event()
@@ -124,11 +124,11 @@ class Batcher:
             self.metrics.audio_seconds.inc(decoded / self.model.sample_rate)
         hop = self.model.hop
         available = [(s.stream.buffered_samples + sum(p.shape[0] for p in s.pending)) // hop for s in candidates]
-        hops = tick_hops(available, self.max_tick_samples // hop)
+        hops = tick_hops(available, self.max_hops)
         batch = []
         for s, ready in zip(candidates, available):
-            room = min(ready if ready >= CATCH_UP_HOPS else hops, self.max_tick_samples // hop) * hop \
-                - s.stream.buffered_samples
+            take = min(ready if ready >= CATCH_UP_HOPS else hops, self.max_hops)
+            room = take * hop - s.stream.buffered_samples
             while room > 0 and s.pending:
                 audio = s.take_pending()
                 if audio.shape[0] > room:

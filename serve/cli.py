@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from serve import announce
 from serve.servicer import Limits
 
 
@@ -107,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     def ready(s: Server) -> None:
         m = s.model
         scheme = "TLS" if opts.tls_cert else "plaintext"
-        print(f"listening on {opts.host}:{s.port} ({scheme}{', token' if token else ''}; model {m.dir.name}, "
-              f"method {m.manifest['method']}, levels {' '.join(m.levels)})", flush=True)
+        print(announce.listening(opts.host, s.port, f"{scheme}{', token' if token else ''}; model {m.dir.name}, "
+                                 f"method {m.manifest['method']}, levels {' '.join(m.levels)}"), flush=True)
         if s.metrics_port is not None:
-            print(f"metrics on http://{opts.host}:{s.metrics_port}/metrics", flush=True)
+            print(announce.metrics(opts.host, s.metrics_port), flush=True)
 
     try:
         asyncio.run(server.run(ready))

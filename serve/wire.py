@@ -13,7 +13,6 @@ Field numbers and wire types come from the generated descriptor of protos/sim/v1
 """
 from __future__ import annotations
 
-
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -123,12 +122,9 @@ class LevelWriter:
             for k in range(width):  # the index varint, least significant 7 bits first
                 rec[:, template.size - width + k] = ((idx >> (7 * k)) & 0x7F) | (0x80 if k < width - 1 else 0)
             blobs.append((rec.tobytes(), template.size))
-            if rows is None:
-                row_group[:] = g
-                row_offset[:] = np.arange(n) * template.size
-            else:
-                row_group[rows] = g
-                row_offset[rows] = np.arange(n) * template.size
+            at_rows = slice(None) if rows is None else rows
+            row_group[at_rows] = g
+            row_offset[at_rows] = np.arange(n) * template.size
         return Encoded(blobs, row_group, row_offset)
 
 

@@ -13,12 +13,13 @@ worker dies, the others are stopped too: a half-running service is worse than a 
 """
 from __future__ import annotations
 
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
+
+from serve import announce
 
 
 def free_port(host: str) -> int:
@@ -55,8 +56,8 @@ def supervise(argv: list[str], workers: int, host: str, port: int, metrics_port:
     ready = threading.Event()
 
     def worker_ready(ls: list[str]) -> bool:  # its "listening on" line, and its metrics line if any
-        return (any(ln.startswith("listening on") for ln in ls)
-                and (metrics_port is None or any(ln.startswith("metrics on") for ln in ls)))
+        kinds = {r.kind for r in map(announce.parse, ls) if r is not None}
+        return "listening" in kinds and (metrics_port is None or "metrics" in kinds)
 
     lines: list[list[str]] = [[] for _ in procs]
     first_exit = threading.Event()
@@ -86,11 +87,11 @@ def supervise(argv: list[str], workers: int, host: str, port: int, metrics_port:
     while not ready.is_set() and not first_exit.is_set():
         ready.wait(0.1)
     if ready.is_set() and not first_exit.is_set():
-        detail = re.sub(r"^listening on \S+ \(", "", lines[0][0]) if lines[0] else ")"
-        print(f"listening on {host}:{port} ({workers} workers; {detail}", flush=True)
+        first = next(r for r in map(announce.parse, lines[0]) if r is not None and r.kind == "listening")
+        print(announce.listening(host, port, f"{workers} workers; {first.detail}"), flush=True)
         for i, ls in enumerate(lines):
             for ln in ls:
-                if ln.startswith("metrics on"):
+                if (r := announce.parse(ln)) is not None and r.kind == "metrics":
                     print(f"worker {i} {ln}", flush=True)
     first_exit.wait()
     stop()  # one worker ended (a signal, or a crash): end the rest

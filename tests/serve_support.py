@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from serve import announce
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 _build_lock = threading.Lock()
@@ -88,10 +90,11 @@ class ServerProcess:
             if line is None:
                 self.kill()
                 raise RuntimeError(f"server did not start: {' '.join(self.cmd)}\n{self.log()}")
-            if m := re.match(r"listening on [^ ]+:(\d+) \((?:(\d+) workers)?", line):
-                self.port, workers = int(m.group(1)), int(m.group(2) or 1)
-            if m := re.match(r"(?:worker \d+ )?metrics on http://[^ ]+:(\d+)/metrics", line):
-                self.metrics_ports.append(int(m.group(1)))
+            ready = announce.parse(line)
+            if ready is not None and ready.kind == "listening":
+                self.port, workers = ready.port, ready.workers
+            elif ready is not None:
+                self.metrics_ports.append(ready.port)
                 self.metrics_port = self.metrics_ports[0]
         return self
 

@@ -167,3 +167,14 @@ def test_gather_defers_an_early_hop_but_lets_a_stream_far_behind_catch_up(model)
     batch = batcher._gather()  # the deferred hop, and the first stream's 7 spare samples
     assert [s.stream.ready_hops for s in batch] == [1] and batch[0] is sessions[10]
     assert sessions[0].stream.buffered_samples == 7
+
+
+def test_ready_lines_parse_back_to_what_was_printed():
+    from serve import announce
+
+    one = announce.parse(announce.listening("::1", 50051, "plaintext; model m, method sim, levels m1 ar") + "\n")
+    assert one == ("listening", 50051, 1, "plaintext; model m, method sim, levels m1 ar")
+    two = announce.parse(announce.listening("127.0.0.1", 7, "2 workers; TLS, token; model m"))
+    assert (two.port, two.workers, two.detail) == (7, 2, "TLS, token; model m")
+    assert announce.parse("worker 1 " + announce.metrics("0.0.0.0", 9100)) == ("metrics", 9100, 1, "")
+    assert announce.parse("stopped") is None and announce.parse("listening on nothing") is None
