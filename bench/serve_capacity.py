@@ -120,11 +120,14 @@ class Server:
         return total
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server process and its worker processes have used so far."""
+        """User + system CPU time the server process and its child processes have used so far."""
         pids = [self.proc.pid]
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        if children.exists():
-            pids += [int(p) for p in children.read_text().split()]
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        for task in tasks.iterdir() if tasks.exists() else ():  # any thread's: --workers, --engine process
+            try:
+                pids += [int(p) for p in (task / "children").read_text().split()]
+            except FileNotFoundError:  # a thread that just ended
+                pass
         total = 0.0
         for pid in pids:
             try:

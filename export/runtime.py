@@ -3,6 +3,9 @@
 Torch-free (numpy + onnxruntime): serve/ and clients/ import it. The one place that chooses
 onnxruntime's execution providers (providers()).
 
+ModelInfo(dir) reads what the manifest says (levels, widths, hops, state, calibration) without
+loading any graph; StreamingModel adds the sessions.
+
 Low level (batch = streams; state tensors as the graphs take them, batch axis first):
     model = StreamingModel("models/sim")
     state = model.initial_state(batch)
@@ -147,11 +150,11 @@ class _StatePool:
                 a[rows] = values[k]
 
 
-class StreamingModel:
-    """The step and flush graphs of an exported model directory, and its manifest."""
+class ModelInfo:
+    """What an exported model directory's manifest says about its streaming: levels, widths, hops,
+    state, calibration (no onnxruntime sessions)."""
 
-    def __init__(self, model_dir: str | Path, verify: bool = True, intra_op_threads: int | None = None,
-                 spin: bool = True):
+    def __init__(self, model_dir: str | Path, verify: bool = True):
         self.manifest = load_manifest(model_dir, verify=verify)
         self.dir = Path(self.manifest["dir"])
         self.levels: list[str] = list(self.manifest["levels"])
@@ -164,17 +167,25 @@ class StreamingModel:
         self.state_names = [s["name"] for s in self.state_spec]
         self.variational: bool = bool(self.manifest.get("variational", self.manifest["method"] == "sim"))
         self.calibration: dict = self.manifest["calibration"]
+
+    @property
+    def step_precision(self) -> str:
+        """"fp32", or "int8" for a step quantized by `export.onnx --int8`."""
+        return step_precision(self.manifest)
+
+
+class StreamingModel(ModelInfo):
+    """The step and flush graphs of an exported model directory, and its manifest."""
+
+    def __init__(self, model_dir: str | Path, verify: bool = True, intra_op_threads: int | None = None,
+                 spin: bool = True):
+        super().__init__(model_dir, verify)
         self._step = make_session(self.dir / "step.onnx", intra_op_threads, spin)
         self._flush = make_session(self.dir / "flush.onnx", intra_op_threads, spin)
         self._step_names = [o.name for o in self._step.get_outputs()]
         self._flush_names = [o.name for o in self._flush.get_outputs()]
         self._pool = _StatePool(self.state_spec)
         self.pad_batches = "CUDAExecutionProvider" in self._step.get_providers()  # see bucket()
-
-    @property
-    def step_precision(self) -> str:
-        """"fp32", or "int8" for a step quantized by `export.onnx --int8`."""
-        return step_precision(self.manifest)
 
     @property
     def active_providers(self) -> list[str]:

@@ -17,7 +17,7 @@ from protos.sim.v1 import sim_pb2 as pb
 from serve.auth import TokenInterceptor
 from serve.batcher import Batcher
 from serve.decoders import DecoderBank
-from serve.frames import FrameBuilder
+from serve.engine import ProcessEngine, ThreadEngine
 from serve.metrics import Metrics
 from serve.servicer import Limits, SimEncoderServicer, add_servicer
 
@@ -42,22 +42,29 @@ class ServerOptions:
     spin: bool = True  # onnxruntime's threads busy-wait between steps (lower tail latency; a core when idle)
     max_hops_per_tick: int = 8
     batch_wait_s: float = 0.0
+    engine: str = "thread"  # where the model runs: "thread" (a worker thread) or "process" (see serve.engine)
 
 
 class Server:
     """One model served on one port. start() / wait() / drain(); or run() for all three."""
 
     def __init__(self, opts: ServerOptions):
-        from export.runtime import StreamingModel, providers
+        from export.runtime import ModelInfo, StreamingModel, providers
 
         self.opts = opts
         self.threads = opts.threads if opts.threads is not None else auto_threads(opts.model_dir)
-        self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=self.threads, spin=opts.spin)
-        log.info("streaming step: %s, onnxruntime intra-op threads: %s", self.model.step_precision,
-                 self.threads or "one per core")
+        if opts.engine == "process":
+            self.model = ModelInfo(opts.model_dir, verify=True)
+            self.engine = ProcessEngine(opts.model_dir, self.threads, opts.spin, opts.max_hops_per_tick)
+        elif opts.engine == "thread":
+            self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=self.threads, spin=opts.spin)
+            self.engine = ThreadEngine(self.model, opts.max_hops_per_tick)
+        else:
+            raise ValueError(f"engine must be 'process' or 'thread', got {opts.engine!r}")
+        log.info("streaming step: %s on %s, onnxruntime intra-op threads: %s", self.model.step_precision,
+                 "a child process" if opts.engine == "process" else "a worker thread", self.threads or "one per core")
         self.metrics = Metrics()
         self.decoders = DecoderBank(self.model.dir, self.model.manifest, self.model.level_dims, providers())
-        self.builder = FrameBuilder(self.model.manifest, self.model.level_hops)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http = None
@@ -67,8 +74,7 @@ class Server:
     async def start(self) -> None:
         opts = self.opts
         self._stopped = asyncio.Event()
-        self.batcher = Batcher(self.model, self.builder, self.metrics, max_hops_per_tick=opts.max_hops_per_tick,
-                               batch_wait_s=opts.batch_wait_s)
+        self.batcher = Batcher(self.engine, self.metrics, self.model.sample_rate, batch_wait_s=opts.batch_wait_s)
         self.servicer = SimEncoderServicer(self.model, self.batcher, self.decoders, self.metrics, opts.limits)
         interceptors = [TokenInterceptor(opts.token, self._count_reject)] if opts.token else []
         limit = int(opts.limits.max_message_bytes)

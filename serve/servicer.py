@@ -118,6 +118,8 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                     needed = nxt[1]
                 await context.write(resp)
                 self._account(session, needed)
+                if session.held:  # its responses are read again: step it again
+                    self.batcher.notify()
                 if after is END:
                     break
                 if after is not None:
@@ -173,7 +175,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "config.levels names a level twice")
         levels = tuple(lv for lv in self.model.levels if lv in levels)  # model order
         sr = self.model.sample_rate
-        return StreamSession(self.model.create_stream(), levels, cfg.return_logvar, cfg.encoding,
+        return StreamSession(levels, cfg.return_logvar, cfg.encoding,
                              max_samples=int(self.limits.max_stream_seconds * sr),
                              max_backlog=int(self.limits.max_backlog_seconds * sr))
 
@@ -230,8 +232,8 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             session.fail(err)
         except asyncio.CancelledError:
             raise
-        except grpc.RpcError:
-            pass  # the call itself failed (client gone, message too large): the handler sees it too
+        except (grpc.RpcError, grpc.aio.AbortError):
+            pass  # the call itself failed or was ended (client gone, message too large, aborted): the handler knows
         except Exception as exc:  # a bug: end this stream only
             log.exception("stream %s: reader failed", session.id)
             session.fail(StreamError(grpc.StatusCode.INTERNAL, f"server error reading the stream: {exc}"))

@@ -1,10 +1,9 @@
 """The server-side state of one StreamEncode call.
 
-Audio messages arrive on the event loop and wait, as received, in `raw`; the batcher decodes them
-once per tick (one conversion per stream instead of one per 10 ms message) and hands the samples
-to the runtime stream between two steps. Only the batcher touches the runtime stream, never while
-a step runs on it (so a step in the worker thread never races with a new message). Results go to
-`out`, which the call's writer drains.
+Audio messages arrive on the event loop and wait, as received, in `raw`; each tick the batcher
+sends them to the engine (serve.engine) as one bytes object per stream, which decodes them once
+(one conversion per stream instead of one per 10 ms message) and keeps the stream's audio and
+state. Results go to `out`, which the call's writer drains.
 """
 from __future__ import annotations
 
@@ -13,10 +12,8 @@ import bisect
 import itertools
 import time
 
-import numpy as np
 from grpc import StatusCode
 
-from serve.audio_codec import decode_audio
 from serve.errors import StreamError
 from train.audio import SAMPLE_RATE
 
@@ -25,22 +22,20 @@ _ids = itertools.count(1)
 
 
 class StreamSession:
-    def __init__(self, runtime_stream, levels: tuple[str, ...], return_logvar: bool, encoding: int,
-                 max_samples: int, max_backlog: int):
+    def __init__(self, levels: tuple[str, ...], return_logvar: bool, encoding: int, max_samples: int,
+                 max_backlog: int):
         self.id = next(_ids)
-        self.stream = runtime_stream
         self.encoding = encoding  # sim.v1.AudioEncoding of the audio messages
         self.levels = levels
         self.return_logvar = return_logvar
         self.max_samples = max_samples
         self.max_backlog = max_backlog  # samples received but not yet processed before reading pauses
-        self.raw: list[bytes] = []  # audio messages not decoded yet
-        self.decoded = 0  # samples decoded so far
-        self.pending: list[np.ndarray] = []  # decoded samples not handed to the runtime stream yet
+        self.raw: list[bytes] = []  # audio messages not sent to the engine yet
         self.received = 0  # samples received
-        self.processed = 0  # samples the runtime stream has consumed (stepped through)
+        self.processed = 0  # samples the engine has stepped through
         self.input_closed = False  # client half-closed
-        self.finished_told = False  # runtime stream told input_finished()
+        self.close_sent = False  # the engine knows of the half-close
+        self.held = False  # not stepped: too many responses wait for the client to read them
         self.done = False  # all frames produced
         self.dead = False  # call over (error, cancel, disconnect): the worker drops it
         self.out: asyncio.Queue = asyncio.Queue()
@@ -90,23 +85,3 @@ class StreamSession:
         if i > 0:  # earlier messages are never needed again: frames complete in order
             del self._counts[:i], self._times[:i]
         return t
-
-    # --- worker side (event loop, between steps) -------------------------------------------
-    def decode_raw(self) -> int:
-        """Decode the audio messages received since the last call into `pending`; the number of
-        samples. Raises StreamError (e.g. NaN samples)."""
-        if not self.raw:
-            return 0
-        data = self.raw[0] if len(self.raw) == 1 else b"".join(self.raw)
-        self.raw = []
-        samples = decode_audio(data, self.encoding, first_sample=self.decoded)
-        self.decoded += samples.shape[0]
-        self.pending.append(samples)
-        return samples.shape[0]
-
-    def take_pending(self) -> np.ndarray | None:
-        if not self.pending:
-            return None
-        audio = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
-        self.pending = []
-        return audio

@@ -1,6 +1,7 @@
 """Small pieces of the server, checked against the reference implementations they replace."""
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -134,7 +135,7 @@ def test_batched_responses_equal_each_streams_own_response():
 
 
 def test_tick_hops_steps_real_time_streams_together_and_files_in_bulk():
-    from serve.batcher import tick_hops
+    from serve.engine import tick_hops
 
     assert tick_hops([1] * 10 + [2] * 2, 8) == 1  # two early messages wait for the next tick
     assert tick_hops([2] * 7 + [1] * 5, 8) == 2  # most streams have two: two runs
@@ -142,31 +143,99 @@ def test_tick_hops_steps_real_time_streams_together_and_files_in_bulk():
     assert tick_hops([0, 0, 5, 5, 1], 8) == 5 and tick_hops([0, 0], 8) == 1 and tick_hops([], 8) == 1
 
 
-def test_gather_defers_an_early_hop_but_lets_a_stream_far_behind_catch_up(model):
-    """Batcher._gather on a real model: ten streams with one hop and one with two step one hop each
+def _tick_plan(hop: int, hops: list[int], rng) -> "TickRequest":
+    from serve.engine import TickRequest
+
+    return TickRequest(opens=[(i, ("m1", "m3"), i % 2 == 0, pb.FLOAT32) for i in range(len(hops))],
+                       audio={i: (0.1 * rng.standard_normal(n * hop + 7)).astype("<f4").tobytes()
+                              for i, n in enumerate(hops)})
+
+
+def test_engine_defers_an_early_hop_but_lets_a_stream_far_behind_catch_up(model):
+    """Engine.tick on a real model: ten streams with one hop and one with two step one hop each
     (the second waits for the next tick); a stream CATCH_UP_HOPS or more behind steps all its hops."""
     from export.runtime import StreamingModel
-    from serve.batcher import CATCH_UP_HOPS, Batcher
-    from serve.session import StreamSession
+    from serve.engine import CATCH_UP_HOPS, Engine, TickRequest
 
     m = StreamingModel(model[0])
-    batcher = Batcher(m, FrameBuilder(m.manifest, m.level_hops), Metrics(), max_hops_per_tick=8)
-    rng = np.random.default_rng(0)
+    engine = Engine(m, max_hops_per_tick=8)
     hops = [1] * 10 + [2, CATCH_UP_HOPS + 2]
-    sessions = []
-    for n in hops:
-        s = StreamSession(m.create_stream(), ("m1",), False, pb.FLOAT32, 10**7, 10**7)
-        s.add_audio((0.1 * rng.standard_normal(n * m.hop + 7)).astype("<f4").tobytes(), n * m.hop + 7)
-        batcher.add(s)
-        sessions.append(s)
-    batch = batcher._gather()
-    assert len(batch) == len(hops)
-    assert [s.stream.ready_hops for s in sessions] == [1] * 11 + [CATCH_UP_HOPS + 2]
-    m.decode_streams([s.stream for s in batch])
-    assert [s.stream.frames_emitted("m3") for s in sessions] == [0] * 11 + [CATCH_UP_HOPS + 1]  # first hop: phantom
-    batch = batcher._gather()  # the deferred hop, and the first stream's 7 spare samples
-    assert [s.stream.ready_hops for s in batch] == [1] and batch[0] is sessions[10]
-    assert sessions[0].stream.buffered_samples == 7
+    reply = engine.tick(_tick_plan(m.hop, hops, np.random.default_rng(0)))
+    assert not reply.errors and reply.batch == len(hops) and reply.more
+    assert reply.decoded == sum(n * m.hop + 7 for n in hops)
+    stepped = [1] * 11 + [CATCH_UP_HOPS + 2]
+    assert [(sid, done, processed) for sid, _, done, processed in reply.results] == \
+        [(i, False, n * m.hop) for i, n in enumerate(stepped)]
+    assert [engine.streams[i].runtime.frames_emitted("m3") for i in range(len(hops))] == \
+        [n - 1 for n in stepped]  # the first hop has no m3 frame yet (phantom frames)
+    reply = engine.tick(TickRequest())  # nothing new: the deferred hop
+    assert [r[0] for r in reply.results] == [10] and not reply.more
+    assert engine.streams[0].ready_samples() == 7
+    reply = engine.tick(TickRequest(closed=[0], removed=[1]))  # a half-close flushes; a removal frees
+    assert [(r[0], r[2]) for r in reply.results] == [(0, True)] and 0 not in engine.streams
+    assert 1 not in engine.streams and len(engine.streams) == len(hops) - 2
+
+
+def test_engine_reports_bad_audio_as_that_streams_error_only(model):
+    from export.runtime import StreamingModel
+    from serve.engine import Engine, TickRequest
+
+    m = StreamingModel(model[0])
+    engine = Engine(m)
+    bad = np.zeros(m.hop * 2, np.float32)
+    bad[170] = np.nan
+    reply = engine.tick(TickRequest(opens=[(1, ("m3",), False, pb.FLOAT32), (2, ("m3",), False, pb.FLOAT32)],
+                                    audio={1: bad.tobytes(), 2: np.zeros(m.hop * 2, "<f4").tobytes()}))
+    assert [(sid, code) for sid, code, _ in reply.errors] == [(1, grpc.StatusCode.INVALID_ARGUMENT)]
+    assert "170" in reply.errors[0][2]  # the sample's position in the stream
+    assert [r[0] for r in reply.results] == [2] and list(engine.streams) == [2]
+
+
+def test_process_engine_gives_the_same_replies_and_restarts_after_a_crash(model):
+    """The same ticks through a child process and in this process: identical replies. A killed
+    child is reported as EngineDied, and restart() brings a working one back."""
+    import asyncio
+    import os
+    import signal
+
+    from export.runtime import StreamingModel
+    from serve.engine import EngineDied, ProcessEngine, ThreadEngine, TickRequest
+
+    m = StreamingModel(model[0])
+    hops = [1, 2, 3, 5]
+
+    async def run(engine) -> list:
+        rng = np.random.default_rng(1)
+
+        async def tick(req):
+            return engine.finish(await engine.tick(req))
+
+        replies = [await tick(_tick_plan(m.hop, hops, rng))]
+        while replies[-1].more:
+            replies.append(await tick(TickRequest()))
+        replies.append(await tick(TickRequest(closed=list(range(len(hops))))))
+        assert all(resp is not None for r in replies[:1] for _, resp, _, _ in r.results)
+        return [(r.results, r.errors, r.batch, r.decoded, r.more) for r in replies]
+
+    async def main():
+        local, child = ThreadEngine(m), ProcessEngine(model[0], threads=1)
+        try:
+            assert await run(child) == await run(local)
+            os.kill(child.pid, signal.SIGKILL)
+            try:
+                await child.tick(_tick_plan(m.hop, [1], np.random.default_rng(2)))
+                raise AssertionError("a dead engine process answered")
+            except EngineDied:
+                pass
+            await child.restart()
+            reply = await child.tick(_tick_plan(m.hop, [1], np.random.default_rng(2)))
+            assert [r[0] for r in reply.results] == [0] and not reply.errors
+        finally:
+            await child.stop()
+            await local.stop()
+        assert not child._proc.is_alive()
+
+    asyncio.run(main())
 
 
 def test_ready_lines_parse_back_to_what_was_printed():
