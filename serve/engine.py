@@ -11,8 +11,8 @@ between is shared, so the engine can run
 - in a child process (ProcessEngine, `--engine process`): the model's Python work (state gather
   and scatter, frame collection, scoring, response bytes) has its own GIL, and a crash of the
   model's process ends only its streams (with INTERNAL) before a new one starts. On the 2-core
-  development VM it holds the same number of streams for ~7 % more CPU (docs/benchmarks.md,
-  fifth session).
+  development VM it holds the same number of streams for about 15 % more server CPU
+  (docs/benchmarks.md, 2026-12-01).
 
 Each tick hands every stream its newly received audio, up to the hops `tick_hops` allows, and runs
 `StreamingModel.decode_streams` once over all streams with work. Every stream keeps its own state,
