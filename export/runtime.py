@@ -74,9 +74,9 @@ def providers() -> list[str]:
 def make_session(path: str | Path, intra_op_threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
     """An onnxruntime session for one graph on providers().
 
-    spin=False stops the intra-op threads from busy-waiting: less CPU burnt between runs, but every
-    parallel section then pays a thread wake-up (onnxruntime's default is to spin; the server
-    chooses per model, serve.server.step_threading)."""
+    spin=False stops the intra-op threads from busy-waiting: less CPU burnt while idle, but on a
+    small VM every parallel section then pays a thread wake-up (measured: worse tail latency for
+    the server, docs/benchmarks.md), so spinning stays the default."""
     opts = ort.SessionOptions()
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads

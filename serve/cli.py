@@ -37,11 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a stream may send nothing before it ends with OUT_OF_RANGE (0: no limit) (default %(default)s)")
     ap.add_argument("--drain-grace", type=float, default=30.0, help="seconds open streams get to finish on SIGTERM (default %(default)s)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="onnxruntime intra-op threads for the streaming step (default: one per core)")
-    ap.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
-                    help="let onnxruntime's threads busy-wait between steps. Default: on for an fp32 step (it needs "
-                         "every core, and waking threads costs tail latency), off for an int8 step (its threads "
-                         "then use a core only while a batch runs, leaving it to gRPC and clients otherwise)")
+                    help="onnxruntime intra-op threads (default: 1 for an int8 step, which then leaves the other "
+                         "cores to gRPC; one per core for fp32)")
+    ap.add_argument("--no-spin", dest="spin", action="store_false",
+                    help="stop onnxruntime's threads from busy-waiting: saves about a core while idle, but costs "
+                         "tail latency under load (default: spinning on)")
     ap.add_argument("--engine", choices=("thread", "process"), default="thread",
                     help="where the model's batched steps run: a worker thread of the server process, or a child "
                          "process (its own GIL; if it crashes, its streams end INTERNAL and a new one starts; "

@@ -37,9 +37,9 @@ class ServerOptions:
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     drain_grace_seconds: float = 30.0
-    threads: int | None = None  # onnxruntime intra-op threads (None: one per core)
+    threads: int | None = None  # onnxruntime intra-op threads (None: auto_threads())
     reuse_port: bool = False  # SO_REUSEPORT: other processes may serve the same port (serve.workers)
-    spin: bool | None = None  # onnxruntime's threads busy-wait between steps (None: step_threading())
+    spin: bool = True  # onnxruntime's threads busy-wait between steps (lower tail latency; a core when idle)
     max_hops_per_tick: int = 8
     batch_wait_s: float = 0.0
     engine: str = "thread"  # where the model runs: "thread" (a worker thread) or "process" (see serve.engine)
@@ -52,18 +52,17 @@ class Server:
         from export.runtime import ModelInfo, StreamingModel, providers
 
         self.opts = opts
-        self.threads, self.spin = step_threading(opts.model_dir, opts.threads, opts.spin)
+        self.threads = opts.threads if opts.threads is not None else auto_threads(opts.model_dir)
         if opts.engine == "process":
             self.model = ModelInfo(opts.model_dir, verify=True)
-            self.engine = ProcessEngine(opts.model_dir, self.threads, self.spin, opts.max_hops_per_tick)
+            self.engine = ProcessEngine(opts.model_dir, self.threads, opts.spin, opts.max_hops_per_tick)
         elif opts.engine == "thread":
-            self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=self.threads, spin=self.spin)
+            self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=self.threads, spin=opts.spin)
             self.engine = ThreadEngine(self.model, opts.max_hops_per_tick)
         else:
             raise ValueError(f"engine must be 'process' or 'thread', got {opts.engine!r}")
-        log.info("streaming step: %s on %s, onnxruntime intra-op threads: %s, %s", self.model.step_precision,
-                 "a child process" if opts.engine == "process" else "a worker thread", self.threads or "one per core",
-                 "spinning" if self.spin else "not spinning")
+        log.info("streaming step: %s on %s, onnxruntime intra-op threads: %s", self.model.step_precision,
+                 "a child process" if opts.engine == "process" else "a worker thread", self.threads or "one per core")
         self.metrics = Metrics()
         self.decoders = DecoderBank(self.model.dir, self.model.manifest, self.model.level_dims, providers())
         self.port: int | None = None
@@ -151,25 +150,24 @@ class Server:
         await self.drain()
 
 
-def step_threading(model_dir: str, threads: int | None = None, spin: bool | None = None) -> tuple[int | None, bool]:
-    """onnxruntime intra-op threads (None: one per core) and spinning for the streaming step, each
-    as asked or else by the step's precision: one thread per core either way; spinning off for an
-    int8 step, on for fp32.
+def auto_threads(model_dir: str) -> int | None:
+    """onnxruntime intra-op threads when none are asked for: one for an int8 step, onnxruntime's
+    default (one per core) otherwise.
 
-    Measured on the 2-core VM (docs/benchmarks.md, 2026-12-01): an int8 step on two threads that
-    sleep between runs instead of spinning uses the core that the event loop and the clients leave
-    idle only while a batch runs (14 streams: 6/6 runs within the p99 bound against 3/6 on one
-    thread; 18 streams: p50 13-35 ms against 38-87), while spinning threads take that core from
-    gRPC and the clients (16 streams: 0/4 runs). The fp32 step needs both cores busy and keeps
-    spinning (10 streams: 3/4 runs spinning, 1/4 not)."""
+    Measured on the 2-core VM (docs/benchmarks.md): the int8 step of 12-16 streams takes 6-8 ms on
+    one thread, so one thread keeps up and leaves the other core to gRPC, the event loop and the
+    clients, while two threads stall each other and them (12 streams: 3/3 runs within the p99
+    bound on one thread, 2/3 on two). The fp32 step needs both cores (one thread: no count passed).
+    Two int8 threads that sleep between steps (`--threads 2 --no-spin`) won some stretches of a
+    later test and lost over more runs (2026-12-01, 16 streams: 13/24 runs within the bound against
+    17/24 on one thread, for ~20 % more server CPU)."""
     from export.manifest import ManifestError, load_manifest, step_precision
 
-    if spin is None:
-        try:
-            spin = step_precision(load_manifest(model_dir, verify=False)) != "int8"
-        except ManifestError:
-            spin = True  # StreamingModel reports it
-    return threads, spin
+    try:
+        manifest = load_manifest(model_dir, verify=False)
+    except ManifestError:
+        return None  # StreamingModel reports it
+    return 1 if step_precision(manifest) == "int8" else None
 
 
 def _bracket(host: str) -> str:

@@ -77,12 +77,11 @@ def test_int8_step_tracks_fp32_on_unseen_audio_and_ignores_its_batch(int8_model,
 def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, tmp_path, model):
     import grpc
 
-    from serve.server import step_threading
+    from serve.server import auto_threads
 
-    # onnxruntime's threads do not spin for an int8 step unless asked to; they do for fp32
+    # one onnxruntime thread for an int8 step unless asked otherwise; onnxruntime's default for fp32
     fp32_model = model[0]
-    assert step_threading(str(int8_model)) == (None, False) and step_threading(str(fp32_model)) == (None, True)
-    assert step_threading(str(int8_model), 1, True) == (1, True) and step_threading(str(fp32_model), 3, False) == (3, False)
+    assert auto_threads(str(int8_model)) == 1 and auto_threads(str(fp32_model)) is None
     assert StreamingModel(int8_model).step_precision == "int8" and StreamingModel(fp32_model).step_precision == "fp32"
 
     from clients.encoding import FrameCollector, file_requests
