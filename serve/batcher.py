@@ -2,8 +2,8 @@
 the engine (serve.engine) step all streams together, and queues each stream's response.
 
 Pipelined: while the engine runs tick k+1, the event loop keeps receiving and sending and queues
-the responses of tick k (with the thread engine it also builds them then). Audio arriving during a tick waits for the next one: under load the
-batches grow instead of the queue.
+the responses of tick k (with the thread engine it also builds them then). Audio arriving during
+a tick waits for the next one: under load the batches grow instead of the queue.
 """
 from __future__ import annotations
 
