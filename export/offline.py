@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from export.scores import Mahalanobis
 from train.audio import conv_out_len
-from train.model import Encoder, kl_to_standard_normal
+from train.model import Encoder, fold_batch_norm, kl_to_standard_normal
 
 
 @torch.no_grad()
@@ -25,6 +25,7 @@ def offline_levels(encoder: Encoder, audio: np.ndarray, scorers: dict[str, Mahal
     (e.g. m2 for 0..5 samples); torch's Conv1d refuses a zero-length input, so that case pads explicitly.
     """
     audio = np.asarray(audio, dtype=np.float32)
+    encoder = fold_batch_norm(encoder)  # exact in eval mode; leaves plain conv -> ReLU layers
     dims = encoder.dims
     out: dict[str, np.ndarray] = {}
     x = torch.from_numpy(audio).reshape(1, 1, -1)

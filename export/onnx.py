@@ -30,7 +30,7 @@ from export.verify import (CHUNK_PLANS, Report, VerificationError, audio_cases, 
 from train.audio import (HOP, LEFT_REACH, LOOKAHEAD, RECEPTIVE_FIELD, SAMPLE_RATE, AudioError, level_hops,
                          load_audio)
 from train.checkpoint import CheckpointError, code_version, load_encoder
-from train.model import Encoder
+from train.model import Encoder, fold_batch_norm
 
 # Extra random utterance lengths streamed in verification: shorter than the first frame's 253
 # samples, around it, and the 5000 / 5003 pair whose frame counts differ (31 / 32).
@@ -155,7 +155,8 @@ def run_export(args: argparse.Namespace) -> dict:
         encoder, ckpt = load_encoder(args.checkpoint)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
-    dims = encoder.dims
+    dims = encoder.dims  # as trained: the manifest records batch_norm even though the graphs fold it
+    encoder = fold_batch_norm(encoder)
     decoders = load_decoders(args.decoders, encoder) if args.decoders else {}
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -76,6 +76,9 @@ class _StreamingBase(nn.Module):
 
     def __init__(self, encoder: Encoder, gaussians: dict | None = None):
         super().__init__()
+        if encoder.dims.batch_norm:
+            raise ValueError("the streaming step takes plain conv layers: fold BatchNorm first "
+                             "(train.model.fold_batch_norm)")
         self.encoder = encoder
         self.dims = encoder.dims
         self.levels = self.dims.levels

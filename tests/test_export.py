@@ -44,7 +44,7 @@ def test_sim_export_writes_every_graph_and_a_complete_manifest(exported):
     for name, f in m["files"].items():
         assert f["sha256"] == sha256_file(out / name)
     assert m["format"] == "sim-export/1" and m["method"] == "sim" and m["beta"] == 0.0033
-    assert m["dims"] == {"method": "sim", "channels": 32, "hidden": 16} and m["opset"] == 17
+    assert m["dims"] == {"method": "sim", "channels": 32, "hidden": 16, "batch_norm": False} and m["opset"] == 17
     assert m["checkpoint_sha256"] == sha256_file(m["checkpoint"])
     assert m["config"]["method"] == "sim" and m["created"] and m["code_version"]
     g = m["geometry"]

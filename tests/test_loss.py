@@ -1,21 +1,24 @@
 """InfoNCE: a vectorised implementation checked against a plain loop, and that it measures predictability."""
 import math
 
+import pytest
 import torch
 
-from train.loss import InfoNCE, kl_term
+from train.loss import WINDOW, InfoNCE, kl_term
 
 
 def reference_infonce(nce: InfoNCE, context, targets, generator):
     """Slow per-position loop with the same random draws as InfoNCE.forward."""
     B, L, D = targets.shape
+    full_targets = targets
     W = min(L, nce.window)
     if L > W:
         start = int(torch.randint(0, L - W + 1, (1,), generator=generator))
         context, targets = context[:, start:start + W], targets[:, start:start + W]
     K = min(nce.steps, W - 1)
-    idx = torch.randint(0, B * W, (B, W, nce.negatives), generator=generator)
-    flat = targets.reshape(B * W, D)
+    pool = full_targets if nce.negatives_from == "sequence" else targets
+    idx = torch.randint(0, B * pool.shape[1], (B, W, nce.negatives), generator=generator)
+    flat = pool.reshape(-1, D)
     per_k = []
     for k in range(1, K + 1):
         losses = []
@@ -29,13 +32,52 @@ def reference_infonce(nce: InfoNCE, context, targets, generator):
     return torch.stack(per_k).mean()
 
 
-def test_vectorised_matches_loop():
+@pytest.mark.parametrize("negatives_from", ["sequence", "window"])
+def test_vectorised_matches_loop(negatives_from):
     torch.manual_seed(0)
-    nce = InfoNCE(12, 8, steps=4, negatives=5, window=20).double()
+    nce = InfoNCE(12, 8, steps=4, negatives=5, window=20, negatives_from=negatives_from).double()
     ctx, tgt = torch.randn(3, 30, 12, dtype=torch.float64), torch.randn(3, 30, 8, dtype=torch.float64)
-    fast = nce(ctx, tgt, torch.Generator().manual_seed(7))
+    fast, _ = nce(ctx, tgt, torch.Generator().manual_seed(7))
     slow = reference_infonce(nce, ctx, tgt, torch.Generator().manual_seed(7))
     assert torch.allclose(fast, slow, atol=1e-10)
+
+
+def test_negatives_come_from_the_whole_sequence_by_default():
+    """A sequence 10x longer than the window whose frames outside the window score huge: drawn
+    as negatives (sequence pool, the default) they dominate the loss; the window pool never
+    sees them."""
+    B, L, D = 2, 1280, 4
+    targets = torch.ones(B, L, D, dtype=torch.float64)
+    nce = InfoNCE(D, D, steps=1, negatives=10).double()
+    nce.predictor.weight.data.fill_(0.1)
+    g = torch.Generator().manual_seed(5)
+    start = int(torch.randint(0, L - WINDOW + 1, (1,), generator=torch.Generator().manual_seed(5)))
+    outside = torch.ones(L, dtype=torch.bool)
+    outside[start:start + WINDOW] = False
+    targets[:, outside] = 1000.0
+    loss, _ = nce(targets, targets, g)
+    assert float(loss) > 100
+    window = InfoNCE(D, D, steps=1, negatives=10, negatives_from="window").double()
+    window.predictor.weight.data.fill_(0.1)
+    loss, _ = window(targets, targets, torch.Generator().manual_seed(5))
+    assert abs(float(loss) - math.log(11)) < 1e-9  # every candidate equal: chance
+
+
+def test_accuracy_counts_positives_ranked_first():
+    torch.manual_seed(0)
+    B, L, D = 4, 64, 16
+    rot = torch.linalg.qr(torch.randn(D, D))[0]
+    z = [torch.randn(B, D)]
+    for _ in range(L - 1):
+        z.append(z[-1] @ rot)
+    seq = 3 * torch.stack(z, 1)
+    nce = InfoNCE(D, D, steps=1, negatives=10, window=64)
+    nce.predictor.weight.data.copy_(rot.T * 10)  # predicts z_{t+1} = z_t @ rot exactly (scaled)
+    loss, acc = nce(seq, seq)
+    assert float(acc) > 0.95 and float(loss.detach()) < 0.5
+    nce.predictor.weight.data.zero_()  # every score ties at 0: nothing ranks strictly first
+    _, acc = nce(seq, seq)
+    assert float(acc) == 0.0
 
 
 def _fit(targets, steps=150):
@@ -43,12 +85,12 @@ def _fit(targets, steps=150):
     nce = InfoNCE(targets.shape[-1], targets.shape[-1], steps=3, negatives=10, window=64)
     opt = torch.optim.Adam(nce.parameters(), lr=3e-2)
     for _ in range(steps):
-        loss = nce(targets, targets)
+        loss, _ = nce(targets, targets)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return float(nce(targets, targets))
+        return float(nce(targets, targets)[0])
 
 
 def test_predictable_sequence_scores_lower_than_noise():

@@ -4,7 +4,7 @@ import torch
 
 from train.audio import HOP, LEFT_REACH, RECEPTIVE_FIELD, level_frames
 from train.loss import SimLoss
-from train.model import Encoder, ModelDims, kl_to_standard_normal
+from train.model import fold_batch_norm, Encoder, ModelDims, kl_to_standard_normal
 
 SMALL = dict(channels=32, hidden=16)
 
@@ -66,7 +66,7 @@ def _grads_of(method, level):
     torch.manual_seed(0)
     dims = ModelDims(method, **SMALL)
     enc, crit = Encoder(dims), SimLoss(dims)
-    nce, kl = crit.module_losses(enc(torch.randn(2, 4000), sample=True))[level]
+    nce, _, kl = crit.module_losses(enc(torch.randn(2, 4000), sample=True))[level]
     (nce if kl is None else nce + kl).backward()
     return enc
 
@@ -95,3 +95,23 @@ def test_kl_term_backpropagates_to_its_module_only():
     assert set(stats) >= {"nce_m1", "kl_m1", "nce_m2", "kl_m2", "nce_m3", "kl_m3", "nce_ar", "loss"}
     total.backward()
     assert torch.count_nonzero(enc.convs["m1"].logvar.weight.grad) > 0
+
+
+def test_batch_norm_sits_between_conv_and_relu_and_folds_exactly():
+    torch.manual_seed(0)
+    enc = Encoder(ModelDims("sim", batch_norm=True, **SMALL))
+    assert all(len(m.norms) == len(m.convs) for m in enc.convs.values())
+    enc.train()
+    for _ in range(3):  # move the running statistics away from their initial values
+        enc(torch.randn(4, 4000) * 0.3, sample=True)
+    enc.eval()
+    norm = enc.convs["m1"].norms[0]
+    assert not torch.allclose(norm.running_mean, torch.zeros_like(norm.running_mean))
+    folded = fold_batch_norm(enc)
+    assert not folded.dims.batch_norm and all(m.norms is None for m in folded.convs.values())
+    x = torch.randn(2, 5003) * 0.3
+    a, b = enc.encode(x), folded.encode(x)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+    plain = Encoder(ModelDims("gim", **SMALL))
+    assert fold_batch_norm(plain) is plain

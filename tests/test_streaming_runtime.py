@@ -90,6 +90,42 @@ def test_chunked_streaming_equals_offline_on_corpus_audio(exported, corpus_audio
         assert np.abs(results[0][key] - value).max() <= 1e-4 * np.abs(value).max()
 
 
+def test_batch_norm_model_exports_folded_and_streams_like_offline(tmp_path, small_corpus, corpus_audio):
+    """A model trained with BatchNorm: the export folds it into the convs; streamed frames equal the
+    unfolded torch encoder (eval mode) on real speech, however the audio is chunked."""
+    import torch
+
+    from export.onnx import main
+    from train.checkpoint import encoder_checkpoint, save_atomic
+    from train.model import Encoder, ModelDims
+
+    torch.manual_seed(2)
+    enc = Encoder(ModelDims("sim", channels=32, hidden=16, batch_norm=True))
+    with torch.no_grad():  # BatchNorm parameters and statistics far from the identity
+        for module in enc.convs.values():
+            for norm in module.norms:
+                norm.running_mean.uniform_(-0.2, 0.2)
+                norm.running_var.uniform_(0.3, 3.0)
+                norm.weight.uniform_(0.5, 2.0)
+                norm.bias.uniform_(-0.3, 0.3)
+    ckpt = tmp_path / "bn.pt"
+    save_atomic(encoder_checkpoint(enc.eval(), {"method": "sim", "beta": 0.0033, "batch_norm": True}), ckpt)
+    with one_torch_thread():
+        assert main([str(ckpt), "--out", str(tmp_path / "bn"), "--corpus", str(small_corpus),
+                     "--calibration-clips", "20"]) == 0
+    model = StreamingModel(tmp_path / "bn")
+    assert model.manifest["dims"]["batch_norm"] is True
+    audio = corpus_audio[1]
+    plans = {**PLANS, **random_mix_plans(np.random.default_rng(8), 1)}
+    results = encode_streams(model, [audio] * len(plans), list(plans.values()))
+    for name, got in zip(plans, results):
+        assert_matches(got, model, audio, f"batch-norm chunks {name}")
+    with one_torch_thread():  # and the encoder's own forward pass, BatchNorm layers and all
+        offline = encode_array(enc.eval(), audio)
+    for key, value in offline.items():
+        assert np.abs(results[0][key] - value).max() <= 1e-4 * np.abs(value).max(), key
+
+
 @pytest.mark.parametrize("method", ["sim", "cpc"])
 def test_every_length_from_one_sample(exported, method):
     """Lengths 1..700 (many shorter than the 253 samples of a first frame), 5000 and 5003, all streamed at once."""

@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 from train.checkpoint import CheckpointError, load, load_encoder
-from train.sim import build_datasets, parse_args, train, validate
+from train.sim import beta_at, build_datasets, parse_args, train, validate
 from train.loss import SimLoss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +42,25 @@ def test_short_training_run_lowers_the_loss(small_corpus, tmp_path):
     after = validate(trained, crit, train_ds, cfg, torch.device("cpu"))["loss"]
     assert after < before - 0.1, (before, after)  # same RNG draws: the drop is the weights
     assert (tmp_path / "run" / "config.json").exists() and any((tmp_path / "run" / "tb").iterdir())
+
+
+def test_beta_warmup_is_linear_then_constant():
+    assert [beta_at(s, 0.004, 4) for s in (0, 1, 2, 4, 100)] == [0.0, 0.001, 0.002, 0.004, 0.004]
+    assert beta_at(0, 0.004, 0) == 0.004
+
+
+def test_batch_norm_warmup_and_width_reach_the_checkpoint_and_resume(small_corpus, tmp_path):
+    extra = ("--batch-norm", "--beta-warmup", "3", "--negatives", "window", "--epochs", "1")
+    ckpt = train(parse_args(tiny_args(small_corpus, tmp_path / "bn", *extra)))
+    enc, saved = load_encoder(ckpt)
+    assert saved["dims"] == {"method": "sim", "channels": 32, "hidden": 16, "batch_norm": True}
+    assert enc.convs["m1"].norms is not None
+    assert saved["config"]["beta_warmup"] == 3 and saved["config"]["negatives"] == "window"
+    # BatchNorm's running statistics were trained (they start at 0 / 1).
+    assert float(enc.convs["m1"].norms[0].running_mean.abs().sum()) > 0
+    resumed = train(parse_args(tiny_args(small_corpus, tmp_path / "bn", "--epochs", "2", "--resume")))
+    again = load(resumed)
+    assert again["epoch"] == 2 and again["dims"]["batch_norm"] and again["config"]["negatives"] == "window"
 
 
 def _weights(path):

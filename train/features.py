@@ -83,9 +83,7 @@ def level_outputs(encoder: Encoder, audio: torch.Tensor, levels) -> dict[str, to
     if need_intermediate:  # CPC's m1 / m2: activations inside its single module
         module = encoder.convs["m3"]
         want = {_cpc_layer_level(lv): lv for lv in need_intermediate}
-        x = audio.unsqueeze(1)
-        for i, conv in enumerate(module.convs):
-            x = torch.relu(conv(x))
+        for i, x in enumerate(module.layer_outputs(audio.unsqueeze(1))):
             if i in want:
                 out[want[i]] = x.transpose(1, 2)
     if any(lv in dims.levels for lv in levels):

@@ -5,9 +5,11 @@ channels, divided by batch size times channels. With the default 640 ms crop the
 frames per module is fixed (m1 511, m2 129, m3 64), so beta means what it means in the paper
 (0.0033 for this corpus). Its weight grows with crop length: keep --crop fixed when comparing.
 
-InfoNCE: a bias-free linear predictor maps context c_t to K predictions W_k c_t. Each is scored
-against the true z_{t+k} and against negatives drawn at random from all B*W positions of the
-batch window, 10 per context position, shared by its K predictions. Cross-entropy with the
+InfoNCE: a bias-free linear predictor maps context c_t to K predictions W_k c_t, c_t taken from
+a random window of 128 frames. Each is scored against the true z_{t+k} and against negatives
+drawn at random from all B*L positions of the batch's whole sequences (the authors' way; B*W
+positions of the window with negatives_from="window"), 10 per context position, shared by its
+K predictions. Cross-entropy with the
 positive as class 0, averaged over valid positions, then over k. Everything is batched
 tensor algebra: no Python loop over batch items, positions or negatives.
 """
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.model import LevelOutput, ModelDims
+from train.model import LevelOutput, ModelDims, kl_to_standard_normal
 
 PREDICTION_STEPS = 10
 NEGATIVES = 10
@@ -25,32 +27,46 @@ WINDOW = 128  # frames; a random window of this length when the sequence is long
 
 
 class InfoNCE(nn.Module):
+    """InfoNCE for one module. Negatives come from the whole sequence (all B*L positions of the
+    batch, as the authors' code draws them) or only from the B*W positions of the window."""
+
+    NEGATIVE_POOLS = ("sequence", "window")
+
     def __init__(self, d_context: int, d_target: int, steps: int = PREDICTION_STEPS,
-                 negatives: int = NEGATIVES, window: int = WINDOW):
+                 negatives: int = NEGATIVES, window: int = WINDOW, negatives_from: str = "sequence"):
         super().__init__()
+        if negatives_from not in self.NEGATIVE_POOLS:
+            raise ValueError(f"negatives_from must be one of {self.NEGATIVE_POOLS}, got {negatives_from!r}")
         self.steps, self.negatives, self.window, self.d_target = steps, negatives, window, d_target
+        self.negatives_from = negatives_from
         self.predictor = nn.Linear(d_context, d_target * steps, bias=False)
 
     def forward(self, context: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
-        """context (B, L, Dc), targets (B, L, D), channels last. Returns the scalar loss."""
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (B, L, Dc), targets (B, L, D), channels last.
+
+        Returns the scalar loss and, detached, how often the positive scored above all its
+        negatives (chance: 1 / (negatives + 1))."""
         B, L, D = targets.shape
         W = min(L, self.window)
+        window_ctx, window_tgt = context, targets
         if L > W:
             start = int(torch.randint(0, L - W + 1, (1,), generator=generator))
-            context, targets = context[:, start:start + W], targets[:, start:start + W]
+            window_ctx, window_tgt = context[:, start:start + W], targets[:, start:start + W]
         K = min(self.steps, W - 1)
         if K < 1:
             raise ValueError(f"InfoNCE needs at least 2 frames, got {L}")
-        pred = self.predictor(context).view(B, W, self.steps, D)[:, :, :K]  # (B, W, K, D)
+        pred = self.predictor(window_ctx).view(B, W, self.steps, D)[:, :, :K]  # (B, W, K, D)
 
         # Future targets z_{t+k}, k = 1..K, as a strided view over the end-padded sequence.
-        padded = F.pad(targets, (0, 0, 0, K))  # (B, W + K, D)
+        padded = F.pad(window_tgt, (0, 0, 0, K))  # (B, W + K, D)
         future = padded.unfold(1, K + 1, 1)[:, :W, :, 1:]  # (B, W, D, K)
         pos = torch.einsum("bwkd,bwdk->bwk", pred, future)  # (B, W, K)
 
-        idx = torch.randint(0, B * W, (B, W, self.negatives), device=targets.device, generator=generator)
-        negs = targets.reshape(B * W, D)[idx]  # (B, W, N, D)
+        pool = targets if self.negatives_from == "sequence" else window_tgt
+        n_pool = B * pool.shape[1]
+        idx = torch.randint(0, n_pool, (B, W, self.negatives), device=targets.device, generator=generator)
+        negs = pool.reshape(n_pool, D)[idx]  # (B, W, N, D)
         neg = torch.einsum("bwkd,bwnd->bwkn", pred, negs)  # (B, W, K, N)
 
         logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)
@@ -59,55 +75,63 @@ class InfoNCE(nn.Module):
         k = torch.arange(1, K + 1, device=targets.device).unsqueeze(0)
         valid = (t + k < W).to(nll.dtype)  # (W, K)
         per_k = (nll * valid).sum(dim=(0, 1)) / (B * valid.sum(0))
-        return per_k.mean()
+        with torch.no_grad():
+            first = (pos.unsqueeze(-1) > neg).all(-1).to(nll.dtype)  # (B, W, K)
+            accuracy = (first * valid).sum() / (B * valid.sum())
+        return per_k.mean(), accuracy
 
 
 def kl_term(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(q || N(0, I)) summed over time and channels, divided by batch * channels (see module doc)."""
     B, _, C = mu.shape
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum() / (B * C)
+    return kl_to_standard_normal(mu, logvar).sum() / (B * C)
 
 
 class SimLoss(nn.Module):
     """One InfoNCE (+ KL) per trained module. For CPC a single loss on the GRU output."""
 
-    def __init__(self, dims: ModelDims, beta: float = 0.0033):
+    def __init__(self, dims: ModelDims, beta: float = 0.0033, negatives_from: str = "sequence"):
         super().__init__()
-        self.dims, self.beta = dims, beta
+        self.dims, self.beta = dims, beta  # beta may be changed between steps (KL warm-up)
         heads = {}
         if dims.greedy:
             for name, _ in dims.modules:
-                heads[name] = InfoNCE(dims.channels, dims.channels)
-        heads["ar"] = InfoNCE(dims.hidden, dims.channels)
+                heads[name] = InfoNCE(dims.channels, dims.channels, negatives_from=negatives_from)
+        heads["ar"] = InfoNCE(dims.hidden, dims.channels, negatives_from=negatives_from)
         self.nce = nn.ModuleDict(heads)
 
     def module_losses(self, out: dict[str, LevelOutput], generator: torch.Generator | None = None
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per trained module: (InfoNCE, KL term or None), each a scalar tensor with gradients."""
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per trained module: (InfoNCE, its accuracy, KL term or None), scalar tensors; the
+        losses carry gradients."""
         last_conv = [name for name, _ in self.dims.modules][-1]
         losses = {}
         for name, nce in self.nce.items():
             if name == "ar":  # context: the GRU output; targets: its input (cut from m3 when greedy)
                 targets = out[last_conv].z
-                loss = nce(out["ar"].mu, targets.detach() if self.dims.greedy else targets, generator)
-                losses[name] = (loss, None)
+                loss, acc = nce(out["ar"].mu, targets.detach() if self.dims.greedy else targets, generator)
+                losses[name] = (loss, acc, None)
             else:
                 o = out[name]
                 kl = kl_term(o.mu, o.logvar) if o.logvar is not None else None
-                losses[name] = (nce(o.context, o.z, generator), kl)
+                losses[name] = (*nce(o.context, o.z, generator), kl)
         return losses
 
     def forward(self, out: dict[str, LevelOutput], generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the total (sum over modules; gradients are cut between greedy modules, so
-        each module still sees only its own loss) and a dict of detached per-module numbers."""
+        each module still sees only its own loss) and a dict of detached per-module numbers:
+        nce_<m> (InfoNCE), acc_<m> (how often the positive ranks first), kl_<m> (the KL term in
+        the loss's normalisation) and klf_<m> (KL per channel per frame, comparable across crops)."""
         total = torch.zeros((), device=out["ar"].mu.device)
         stats: dict[str, torch.Tensor] = {}
-        for name, (nce, kl) in self.module_losses(out, generator).items():
+        for name, (nce, acc, kl) in self.module_losses(out, generator).items():
             stats[f"nce_{name}"] = nce.detach()
+            stats[f"acc_{name}"] = acc
             total = total + nce
             if kl is not None:
                 stats[f"kl_{name}"] = kl.detach()
+                stats[f"klf_{name}"] = kl.detach() / out[name].mu.shape[1]
                 total = total + self.beta * kl
         stats["loss"] = total.detach()
         return total, stats

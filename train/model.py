@@ -7,7 +7,7 @@ CPC: one conv module holding all five convs, then the GRU, trained end to end.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -22,10 +22,13 @@ class ModelDims:
     method: str = "sim"
     channels: int = 512  # conv and latent width
     hidden: int = 256  # GRU width
+    batch_norm: bool = False  # BatchNorm1d between each conv and its ReLU (folded into the conv at export)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.channels < 1 or self.hidden < 1:
+            raise ValueError(f"channels and hidden must be positive, got {self.channels} and {self.hidden}")
 
     @property
     def variational(self) -> bool:
@@ -50,9 +53,10 @@ class ModelDims:
 
 
 class ConvModule(nn.Module):
-    """Conv -> ReLU layers, then heads for the posterior mean and (optionally) log-variance."""
+    """Conv -> [BatchNorm] -> ReLU layers, then heads for the posterior mean and (optionally) log-variance."""
 
-    def __init__(self, in_channels: int, layer_ids: tuple[int, ...], channels: int, variational: bool):
+    def __init__(self, in_channels: int, layer_ids: tuple[int, ...], channels: int, variational: bool,
+                 batch_norm: bool = False):
         super().__init__()
         self.layer_ids = layer_ids
         convs = []
@@ -61,12 +65,22 @@ class ConvModule(nn.Module):
             convs.append(nn.Conv1d(in_channels, channels, k, s, p))
             in_channels = channels
         self.convs = nn.ModuleList(convs)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(channels) for _ in layer_ids) if batch_norm else None
         self.mu = nn.Conv1d(channels, channels, 1)
         self.logvar = nn.Conv1d(channels, channels, 1) if variational else None
 
+    def layer_outputs(self, x: torch.Tensor):
+        """Yield each conv layer's activation (after its BatchNorm, if any, and ReLU), in order."""
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if self.norms is not None:
+                x = self.norms[i](x)
+            x = torch.relu(x)
+            yield x
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        for conv in self.convs:
-            x = torch.relu(conv(x))
+        for x in self.layer_outputs(x):
+            pass
         return x
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,7 +106,7 @@ class Encoder(nn.Module):
         in_ch = 1
         mods = {}
         for name, layer_ids in dims.modules:
-            mods[name] = ConvModule(in_ch, layer_ids, dims.channels, dims.variational)
+            mods[name] = ConvModule(in_ch, layer_ids, dims.channels, dims.variational, dims.batch_norm)
             in_ch = dims.channels
         self.convs = nn.ModuleDict(mods)
         self.gru = nn.GRU(dims.channels, dims.hidden, batch_first=True)
@@ -138,6 +152,28 @@ class Encoder(nn.Module):
             if o.logvar is not None:
                 res[f"kl_{name}"] = kl_to_standard_normal(o.mu, o.logvar)
         return res
+
+
+@torch.no_grad()
+def fold_batch_norm(encoder: Encoder) -> Encoder:
+    """An equivalent encoder without BatchNorm layers, for inference and export.
+
+    In eval mode BatchNorm is the affine map y = (x - mean) / sqrt(var + eps) * gamma + beta per
+    channel, so it folds into the conv before it: w' = w * s, b' = (b - mean) * s + beta with
+    s = gamma / sqrt(var + eps). The result equals encoder.eval() up to float rounding; an encoder
+    without BatchNorm is returned as it is.
+    """
+    if not encoder.dims.batch_norm:
+        return encoder
+    folded = Encoder(replace(encoder.dims, batch_norm=False)).to(next(encoder.parameters()).device)
+    state = {k: v for k, v in encoder.state_dict().items() if ".norms." not in k}
+    for name, module in encoder.convs.items():
+        for i, (conv, norm) in enumerate(zip(module.convs, module.norms)):
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            state[f"convs.{name}.convs.{i}.weight"] = conv.weight * scale[:, None, None]
+            state[f"convs.{name}.convs.{i}.bias"] = (conv.bias - norm.running_mean) * scale + norm.bias
+    folded.load_state_dict(state)
+    return folded.eval()
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

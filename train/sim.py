@@ -36,6 +36,7 @@ DEFAULTS = {
     "method": "sim", "beta": 0.0033, "epochs": None, "batch_size": None, "lr": None, "data": "corpus",
     "corpus_dir": None, "out": None, "device": "auto", "seed": 0, "max_clips": None, "crop": CROP_SAMPLES,
     "preset": "cpu", "channels": 512, "hidden": 256, "threads": None, "workers": 0,
+    "beta_warmup": 0, "batch_norm": False, "negatives": "sequence",
 }
 
 
@@ -49,6 +50,17 @@ def parse_args(argv: list[str] | None = None) -> dict:
                    help="sim: KL-regularised greedy modules; gim: greedy, no KL; cpc: one end-to-end module")
     p.add_argument("--beta", type=float, default=0.0033,
                    help="KL weight, with KL summed over time and channels / (batch * channels) (see train/loss.py)")
+    p.add_argument("--beta-warmup", type=int, default=0, metavar="STEPS",
+                   help="raise the KL weight linearly from 0 to --beta over the first STEPS optimiser steps "
+                        "(0 = the full weight from the start, as in the paper)")
+    p.add_argument("--batch-norm", action="store_true",
+                   help="BatchNorm1d between each conv and its ReLU (the authors' code default); folded into "
+                        "the convs at export")
+    p.add_argument("--negatives", choices=["sequence", "window"], default="sequence",
+                   help="where InfoNCE draws its negatives: every position of the batch's sequences (the "
+                        "authors' way) or only the 128-frame window of the predictions")
+    p.add_argument("--channels", type=int, default=512, help="conv and latent width (the paper: 512)")
+    p.add_argument("--hidden", type=int, default=256, help="GRU width (the paper: 256)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="schedule: cpu = ~15 min on 2 cores; paper = Adam 2e-4, batch 8, 680,000 clips (GPU)")
     p.add_argument("--epochs", type=int, help="epochs (default: from the preset's number of clips seen)")
@@ -67,14 +79,14 @@ def parse_args(argv: list[str] | None = None) -> dict:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--channels", type=int, default=512, help=argparse.SUPPRESS)  # small models for tests
-    p.add_argument("--hidden", type=int, default=256, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     cfg = {k: getattr(a, k) for k in DEFAULTS}
     cfg["resume"] = a.resume
+    if cfg["beta_warmup"] < 0:
+        p.error("--beta-warmup must be 0 or more steps")
     if cfg["crop"] % HOP or cfg["crop"] < 8 * HOP:
         p.error(f"--crop must be a multiple of {HOP} and at least {8 * HOP} samples")
-    for key in ("epochs", "batch_size", "max_clips", "lr"):
+    for key in ("epochs", "batch_size", "max_clips", "lr", "channels", "hidden"):
         if cfg[key] is not None and cfg[key] <= 0:
             p.error(f"--{key.replace('_', '-')} must be positive")
     return cfg
@@ -194,19 +206,29 @@ def batches(dataset, order: torch.Tensor, batch_size: int, start: int, workers: 
 def validate(encoder: Encoder, criterion: SimLoss, dataset, cfg: dict, device: torch.device) -> dict[str, float]:
     """Mean losses on the validation set: eval mode, no gradients, every clip (no dropped batch), and a
     fixed RNG for the posterior samples and negatives so it neither varies nor disturbs training."""
+    from tqdm import tqdm
+
     encoder.eval()
     totals: dict[str, float] = {}
     n = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg["seed"] + 12345)
-        for _, clips in batches(dataset, torch.arange(len(dataset)), cfg["batch_size"], 0, 0):
-            clips = clips.to(device)
-            _, stats = criterion(encoder(clips, sample=True))
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + float(v) * len(clips)
-            n += len(clips)
+        with tqdm(total=len(dataset), desc="validation", unit="clip", dynamic_ncols=True, leave=False,
+                  mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+            for _, clips in batches(dataset, torch.arange(len(dataset)), cfg["batch_size"], 0, 0):
+                clips = clips.to(device)
+                _, stats = criterion(encoder(clips, sample=True))
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * len(clips)
+                n += len(clips)
+                bar.update(len(clips))
     encoder.train()
     return {k: v / n for k, v in totals.items()}
+
+
+def beta_at(step: int, beta: float, warmup: int) -> float:
+    """The KL weight for optimiser step `step` (0-based): linear from 0 to beta over `warmup` steps."""
+    return beta if warmup <= 0 else beta * min(1.0, step / warmup)
 
 
 def train_step(encoder: Encoder, criterion: SimLoss, optimizer: torch.optim.Optimizer, clips: torch.Tensor
@@ -238,13 +260,14 @@ def train(cfg: dict) -> Path:
         if not ckpt_path.exists():
             raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
         resumed = load(ckpt_path, map_location=device)
-        saved = resumed["config"]
-        for key in ("method", "beta", "seed", "data", "crop", "channels", "hidden", "max_clips", "preset"):
+        saved = {"negatives": "window", **resumed["config"]}  # runs from before the option drew from the window
+        for key in ("method", "beta", "seed", "data", "crop", "channels", "hidden", "max_clips", "preset",
+                    "beta_warmup", "batch_norm", "negatives"):
             if saved.get(key) != cfg.get(key) and cfg.get(key) != DEFAULTS.get(key):
                 print(f"warning: --{key.replace('_', '-')} {cfg[key]} differs from the checkpoint's "
                       f"{saved.get(key)}; using the checkpoint's", file=sys.stderr)
         epochs = cfg["epochs"]
-        cfg = {**saved, "resume": True, "device": cfg["device"], "out": str(out), "workers": cfg["workers"],
+        cfg = {**DEFAULTS, **saved, "resume": True, "device": cfg["device"], "out": str(out), "workers": cfg["workers"],
                "threads": cfg["threads"]}
         if epochs:  # the one thing a resume may change: train for longer
             cfg["epochs"] = epochs
@@ -254,9 +277,9 @@ def train(cfg: dict) -> Path:
     if not resumed:
         resolve_schedule(cfg, len(train_ds))
     cfg["out"] = str(out)
-    dims = ModelDims(cfg["method"], cfg["channels"], cfg["hidden"])
+    dims = ModelDims(cfg["method"], cfg["channels"], cfg["hidden"], cfg["batch_norm"])
     encoder = Encoder(dims).to(device)
-    criterion = SimLoss(dims, beta=cfg["beta"]).to(device)
+    criterion = SimLoss(dims, beta=cfg["beta"], negatives_from=cfg["negatives"]).to(device)
     params = list(encoder.parameters()) + list(criterion.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg["lr"])
     start_epoch, start_batch, step = 0, 0, 0
@@ -289,6 +312,7 @@ def train(cfg: dict) -> Path:
             t0, seen = time.perf_counter(), 0
             for b, clips in batches(train_ds, order, cfg["batch_size"], start_batch, cfg["workers"]):
                 clips = clips.to(device, non_blocking=True)
+                criterion.beta = beta_at(step, cfg["beta"], cfg["beta_warmup"])
                 stats = train_step(encoder, criterion, optimizer, clips)
                 step += 1
                 seen += len(clips)
@@ -297,7 +321,9 @@ def train(cfg: dict) -> Path:
                 for k, v in stats.items():
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("train/clips_per_s", rate, step)
-                bar.set_postfix({**{k: f"{v:.3g}" for k, v in stats.items() if k != "loss"},
+                writer.add_scalar("train/beta", criterion.beta, step)
+                writer.add_scalar("train/clips_seen", step * cfg["batch_size"], step)
+                bar.set_postfix({**{k: f"{v:.3g}" for k, v in stats.items() if k.startswith(("nce", "acc"))},
                                  "clips/s": f"{rate:.1f}"}, refresh=False)
                 bar.update(1)
                 if stop.requested and b + 1 < n_batches:
