@@ -14,7 +14,7 @@ from train.corpus import SYLLABLES, VOWELS, load_corpus
 from train.audio import level_frames
 from train.features import encode_levels, fit_length
 from train.model import Encoder, ModelDims
-from train.probe import ProbeData, accuracy, main, summarise, train_linear_probe, train_linear_probes
+from train.probe import split_validation, ProbeData, accuracy, main, summarise, train_linear_probe, train_linear_probes
 
 TINY = dict(channels=32, hidden=16)
 
@@ -84,6 +84,8 @@ def test_fit_length_centres_and_crops():
 def test_probe_data_from_corpus(small_corpus):
     data = ProbeData.from_corpus(small_corpus)
     utts = {s: sorted(load_corpus(small_corpus, s), key=lambda u: u.id) for s in ("train", "test", "test_voice")}
+    utts["train"], utts["val"] = split_validation(utts["train"])
+    assert utts["val"] and not {u.word for u in utts["train"]} & {u.word for u in utts["val"]}
     assert data.meta["word_overlap_train_test"] == 0
     assert data.length % 160 == 0
     assert data.length >= max(e - s for u in utts["train"] for s, e in u.bounds)

@@ -34,11 +34,12 @@ def test_report_end_to_end(small_corpus, tmp_path):
     argv = ["--run", f"sim={sim}", "--run", f"gim={gim}", "--out", str(out), "--corpus", str(small_corpus),
             "--seeds", "2", "--probe-epochs", "3", "--decoder-epochs", "1", "--supervised-epochs", "1",
             "--pairs", "12", "--traverse-dims", "2", "--traverse-steps", "3", "--interp-steps", "3",
-            "--device", "cpu"]
+            "--ood-words", "5", "--device", "cpu"]
     assert main(argv) == 0
     index = (out / "index.md").read_text()
     for heading in ("Classification (paper Table 2)", "Vowel concentration (paper Fig. 2)",
-                    "Entanglement (paper Table 3)", "Targets (issue 3)", "Decoders", "Interpolation", "traversal"):
+                    "Entanglement (paper Table 3)", "Targets (issue 3)", "Decoders", "Interpolation", "traversal",
+                    "Out-of-distribution separation", "vowel (val)"):
         assert heading in index
     assert "92.58 ± 2.06" in index and "83.32 ± 2.06" in index  # the paper's numbers beside ours
     assert re.search(r"\| random init \| \d", index) and re.search(r"\| supervised \(1 epochs\) \| \d", index)
@@ -58,13 +59,15 @@ def test_report_end_to_end(small_corpus, tmp_path):
         assert e["ks"] == [2, 4, 8, 16, 32] and e["mean"][-1] == 0.0 and e["pairs"] == 12
         assert set(r["concentration"]) == {"m1", "m2", "m3"}
         assert len(r["probe"]["vowel"]["test"]["runs"]) == 2
+        assert len(r["probe"]["vowel"]["val"]["runs"]) == 2
+        assert 0.0 <= r["ood"]["auroc"]["maha"]["all"]["white noise"] <= 1.0
     assert any("k = 8" in t for t in res["targets"])
     # decoders were trained into the run folders and are reused on the next call
     assert (sim / "decoders" / "decoder_m1.pt").is_file()
     stamp = (sim / "decoders" / "decoder_m3.pt").stat().st_mtime_ns
     assert main(["--run", f"sim={sim}", "--out", str(tmp_path / "again"), "--corpus", str(small_corpus),
                  "--seeds", "1", "--probe-epochs", "1", "--pairs", "2", "--no-baselines", "--traverse-steps", "2",
-                 "--traverse-dims", "1", "--interp-steps", "2", "--device", "cpu"]) == 0
+                 "--traverse-dims", "1", "--interp-steps", "2", "--ood-words", "0", "--device", "cpu"]) == 0
     assert (sim / "decoders" / "decoder_m3.pt").stat().st_mtime_ns == stamp
     assert "random init" not in (tmp_path / "again" / "index.md").read_text()
 

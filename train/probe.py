@@ -40,7 +40,8 @@ from train.features import Syllables, encode_levels, syllable_crops, syllable_le
 from train.model import Encoder, ModelDims
 
 TASKS = {"vowel": 3, "syllable": 9}
-EVAL_SPLITS = ("test", "test_voice")
+EVAL_SPLITS = ("val", "test", "test_voice")
+VAL_FRACTION = 0.15  # of the training words, held out of the probes' training to choose configurations on
 PAPER = {  # paper Table 2 (their single-speaker corpus): accuracy %, mean and std
     "cpc": {"vowel": (96.86, 0.85), "syllable": (49.84, 5.33)},
     "gim": {"vowel": (95.24, 0.60), "syllable": (50.0, 1.55)},
@@ -140,7 +141,9 @@ def summarise(values: list[float]) -> dict:
 
 @dataclass
 class ProbeData:
-    """Syllable crops per split (train, test, test_voice), one common crop length."""
+    """Syllable crops per split, one common crop length: train (probe training), val (training-split
+    words held out of the probes, for choosing between configurations), test (word-disjoint from
+    training), test_voice (a voice never trained on)."""
 
     splits: dict[str, Syllables]
     length: int
@@ -150,9 +153,10 @@ class ProbeData:
     def from_corpus(cls, corpus_dir, max_words: int | None = None) -> "ProbeData":
         from train.eval_cli import load_split
 
-        utts = {s: load_split(corpus_dir, s) for s in ("train",) + EVAL_SPLITS}
+        utts = {s: load_split(corpus_dir, s) for s in ("train", "test", "test_voice")}
         if max_words:
             utts = {s: u[:max_words] for s, u in utts.items()}
+        utts["train"], utts["val"] = split_validation(utts["train"])
         if not utts["train"]:
             raise ValueError(f"{corpus_dir}: the train split is empty")
         length = syllable_length(utts["train"])
@@ -160,6 +164,14 @@ class ProbeData:
                 "words": {s: len(u) for s, u in utts.items()},
                 "word_overlap_train_test": len({u.word for u in utts["train"]} & {u.word for u in utts["test"]})}
         return cls({s: syllable_crops(u, length) for s, u in utts.items()}, length, meta)
+
+
+def split_validation(utterances: list, fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[list, list]:
+    """(train, val): a fixed random `fraction` of the distinct words, every voice of them, goes to val."""
+    words = sorted({u.word for u in utterances})
+    order = np.random.default_rng(seed).permutation(len(words))
+    held = {words[i] for i in order[:max(1, round(fraction * len(words)))]} if len(words) > 1 else set()
+    return [u for u in utterances if u.word not in held], [u for u in utterances if u.word in held]
 
 
 def features(encoder: Encoder, data: ProbeData, levels, device="cpu", batch: int = 64) -> dict:

@@ -163,6 +163,15 @@ def evaluate_run(name: str, run_dir: Path, data, splits: dict, out: Path, args, 
         res["traversal"] = {"png": str(trav["png"].relative_to(out)), "dims": trav["dims"], "word": a.word,
                             "top": [(int(d), float(trav["scores"][d])) for d in trav["ranking"][:10]],
                             "wavs": len(trav["wavs"])}
+    if args.ood_words:
+        from train.ood import ood_separation
+
+        log(f"{name}: out-of-distribution separation ({args.ood_words} words per split)")
+        n = args.ood_words
+        res["ood"] = ood_separation(encoder, {"train": splits["train"][:n], "test": test[:n],
+                                              "test_voice": splits["test_voice"][:n]}, device=device)
+    res["train_config"] = {k: ckpt["config"].get(k) for k in ("batch_norm", "beta_warmup", "negatives", "channels",
+                                                           "hidden", "lr", "batch_size")}
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
@@ -191,22 +200,25 @@ def write_index(out: Path, results: dict, command: str) -> Path:
          f"{setup['decoder_train_words']} train words. Entanglement: up to {setup['pairs']} same-voice pairs "
          "of different test words.",
          f"- Supervised baseline: {setup['supervised_epochs']} epochs end to end (Adam 2e-4, batch 64).", "",
-         "| run | method | checkpoint | epoch | step | beta | dims |", "|---|---|---|---|---|---|---|"]
+         "| run | method | checkpoint | epoch | step | beta | β warm-up | BatchNorm | negatives | dims |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs.values():
-        d = r["dims"]
+        d, c = r["dims"], r.get("train_config", {})
         L.append(f"| {r['name']} | {r['method']} | `{r['dir']}/checkpoint.pt` | {r['epoch']} | {r['step']} | "
-                 f"{r['beta']} | {d['channels']}/{d['hidden']} |")
+                 f"{r['beta']} | {c.get('beta_warmup') or 0} | {'yes' if d.get('batch_norm') else 'no'} | "
+                 f"{c.get('negatives') or 'window'} | {d['channels']}/{d['hidden']} |")
     L += ["", "## Classification (paper Table 2)", "",
           "Accuracy % of linear probes on the time-averaged GRU output (256-d, with bias); paper = their "
           "single-speaker recorded corpus.", "",
           "| method | vowel (test) | paper | syllable (test) | paper | vowel (held-out voice) | "
-          "syllable (held-out voice) | vowel (train) | syllable (train) |", "|---|---|---|---|---|---|---|---|---|"]
+          "syllable (held-out voice) | vowel (val) | syllable (val) | vowel (train) | syllable (train) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def row(label, method, pr):
         return (f"| {label} | {fmt(pr['vowel']['test'])} | {paper_cell(method, 'vowel')} | "
                 f"{fmt(pr['syllable']['test'])} | {paper_cell(method, 'syllable')} | {fmt(pr['vowel']['test_voice'])} "
-                f"| {fmt(pr['syllable']['test_voice'])} | {fmt(pr['vowel']['train'])} | "
-                f"{fmt(pr['syllable']['train'])} |")
+                f"| {fmt(pr['syllable']['test_voice'])} | {fmt(pr['vowel']['val'])} | {fmt(pr['syllable']['val'])} | "
+                f"{fmt(pr['vowel']['train'])} | {fmt(pr['syllable']['train'])} |")
 
     for r in runs.values():
         L.append(row(f"{r['name']} ({r['method']})", r["method"], r["probe"]))
@@ -258,6 +270,19 @@ def write_index(out: Path, results: dict, command: str) -> Path:
             ftl = f"{d['final_train_loss']:.4g}" if d["final_train_loss"] is not None else "–"
             L.append(f"| {r['name']} | {lv} | {d['epochs']} | {d['loss']} | {ftl} | "
                      f"{d['test_relative_mse']:.3f} | {wavs} |")
+    if any("ood" in r for r in runs.values()):
+        from train.ood import format_tables
+
+        L += ["", "## Out-of-distribution separation", "",
+              "Per-utterance mean score; AUROC against held-out test words of the training voices (1 = every "
+              "OOD utterance scores above every test word, 0.5 = no separation). `kl`: KL of the posterior to "
+              "N(0, I) (SIM only); `maha`: Mahalanobis distance of mu under a Gaussian fitted on training words; "
+              "`all`: the levels' standardised scores averaged.", ""]
+        for r in runs.values():
+            if "ood" in r:
+                L += [f"**{r['name']}** ({r['ood']['n']})", ""] + format_tables(r["ood"])
+    if results.get("curves"):
+        L += ["## Training curves", "", f"![training curves]({results['curves']})", ""]
     L += ["", "## Interpolation (paper Fig. 3)", ""]
     for r in runs.values():
         if "interpolation" in r:
@@ -361,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recon-words", type=int, default=64, help="test words for the reconstruction error")
     ap.add_argument("--max-words", type=int, default=None, help="at most this many words per split (smoke runs)")
     ap.add_argument("--batch", type=int, default=64, help="decoder batch for entanglement")
+    ap.add_argument("--ood-words", type=int, default=150,
+                    help="words per split for the out-of-distribution separation (0 = skip it)")
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
     args = ap.parse_args(argv)
     for flag in ("seeds", "probe_epochs", "supervised_epochs", "decoder_epochs", "pairs", "interp_steps",
@@ -383,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     cut = (lambda u: u[:args.max_words]) if args.max_words else (lambda u: u)
     train_utts = cut(load_split(corpus, "train"))
     splits = {"train": train_utts, "test": cut(load_split(corpus, "test")),
+              "test_voice": cut(load_split(corpus, "test_voice")),
               "decoder_train": train_utts[:args.decoder_words] if args.decoder_words else train_utts}
     results: dict = {"runs": {}, "baselines": {}}
     for name, run_dir in runs:
@@ -407,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                         "supervised_epochs": args.supervised_epochs, "device": str(device),
                         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.time() - t0}
     make_plots(out, results)
+    with_logs = {name: run_dir for name, run_dir in runs if (run_dir / "tb").is_dir()}
+    if with_logs:
+        from train.curves import plot_curves
+
+        results["curves"] = plot_curves(with_logs, out / "curves.png").name
     command = "python -m train.report " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     index = write_index(out, results, command)
     for r in results["runs"].values():
