@@ -14,7 +14,7 @@ from train.corpus import SYLLABLES, VOWELS, load_corpus
 from train.audio import level_frames
 from train.features import encode_levels, fit_length
 from train.model import Encoder, ModelDims
-from train.probe import split_validation, ProbeData, accuracy, main, summarise, train_linear_probe, train_linear_probes
+from train.probe import spread, split_validation, ProbeData, accuracy, main, summarise, train_linear_probe, train_linear_probes
 
 TINY = dict(channels=32, hidden=16)
 
@@ -140,3 +140,11 @@ def test_cli_user_errors(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "error:" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--seeds", "0"]) == 2
+
+
+def test_spread_keeps_every_voice(small_corpus):
+    utts = sorted(load_corpus(small_corpus, "train"), key=lambda u: u.id)
+    voices = {u.voice for u in utts}
+    picked = spread(utts, len(voices) * 2)
+    assert len(picked) == len(voices) * 2 and {u.voice for u in picked} == voices
+    assert spread(utts, 10 ** 6) == utts

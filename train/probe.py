@@ -155,7 +155,7 @@ class ProbeData:
 
         utts = {s: load_split(corpus_dir, s) for s in ("train", "test", "test_voice")}
         if max_words:
-            utts = {s: u[:max_words] for s, u in utts.items()}
+            utts = {s: spread(u, max_words) for s, u in utts.items()}
         utts["train"], utts["val"] = split_validation(utts["train"])
         if not utts["train"]:
             raise ValueError(f"{corpus_dir}: the train split is empty")
@@ -164,6 +164,15 @@ class ProbeData:
                 "words": {s: len(u) for s, u in utts.items()},
                 "word_overlap_train_test": len({u.word for u in utts["train"]} & {u.word for u in utts["test"]})}
         return cls({s: syllable_crops(u, length) for s, u in utts.items()}, length, meta)
+
+
+def spread(utterances: list, n: int) -> list:
+    """At most n utterances taken evenly through the list (sorted by id, voice by voice), so a
+    subset keeps every voice instead of the first voice's first words."""
+    if n >= len(utterances):
+        return list(utterances)
+    step = len(utterances) / n
+    return [utterances[int(i * step)] for i in range(n)]
 
 
 def split_validation(utterances: list, fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[list, list]:

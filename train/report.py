@@ -25,7 +25,7 @@ import numpy as np
 from train.decoder import DECODER_LEVELS, decoder_path, fit_and_save, load_decoder, reconstruction_error
 from train.decoder import write_reconstructions
 from train.probe import PAPER as PAPER_TABLE2
-from train.probe import fmt
+from train.probe import fmt, spread
 
 PAPER_KS = (2, 4, 8, 16, 32, 64, 128, 256, 512)
 PAPER_TABLE3 = {  # relative error %, paper Table 3 (module -> method -> values at PAPER_KS)
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     device = pick_device(args.device)
     out.mkdir(parents=True, exist_ok=True)
-    cut = (lambda u: u[:args.max_words]) if args.max_words else (lambda u: u)
+    cut = (lambda u: spread(u, args.max_words)) if args.max_words else (lambda u: u)
     train_utts = cut(load_split(corpus, "train"))
     splits = {"train": train_utts, "test": cut(load_split(corpus, "test")),
               "test_voice": cut(load_split(corpus, "test_voice")),
