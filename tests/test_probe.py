@@ -137,4 +137,6 @@ def test_cli_writes_json(small_corpus, tmp_path, capsys):
 def test_cli_user_errors(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "error:" in capsys.readouterr().err
-    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--seeds", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:  # a bad flag value is argparse's usage error
+        main(["--checkpoint", str(tmp_path / "missing.pt"), "--seeds", "0"])
+    assert exc.value.code == 2

@@ -423,6 +423,25 @@ def ensure_corpus(dir: str | Path | None = None, seed: int = 0, progress: bool =
     return build_corpus(corpus_dir, seed=seed, progress=progress)
 
 
+def find_corpus(explicit: str | Path | None = None, trained_on: str | Path | None = None,
+                progress: bool = True) -> Path:
+    """The corpus a command reads: `explicit` (a --corpus flag; it must exist), else `trained_on` (the
+    corpus_dir a checkpoint recorded) while it still exists, else the default corpus (built on first use)."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_dir():
+            raise CorpusError(f"{path}: no such corpus directory (build one with python -m train.corpus --out DIR)")
+        return path
+    if trained_on and Path(trained_on).is_dir():
+        return Path(trained_on)
+    return ensure_corpus(None, seed=0, progress=progress)
+
+
+def load_split(corpus_dir: str | Path, split: str) -> list[Utterance]:
+    """Utterances of one split, in a fixed order (by id)."""
+    return sorted(load_corpus(corpus_dir, split=split), key=lambda u: u.id)
+
+
 def summary(corpus_dir: str | Path) -> str:
     """Human-readable counts per split and voice, durations and crop overruns."""
     utts = load_corpus(corpus_dir)
@@ -465,15 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--words", nargs="+", metavar="WORD", help="render only these words (default: all 729)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    from train.cli import fail
+
     try:
         build_corpus(args.out, seed=args.seed, words=args.words, voices=args.voices, test_voice=args.test_voice,
                      progress=not args.no_progress)
-    except (FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # espeak refused a voice or misread a word
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (FileExistsError, ValueError, RuntimeError) as exc:  # RuntimeError: espeak refused a voice or word
+        return fail(str(exc))
     print(summary(args.out))
     return 0
 

@@ -330,8 +330,9 @@ def _jsonable(obj):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.checkpoint import CheckpointError, load
-    from train.eval_cli import corpus_dir, fail, load_split, pick_device
+    from train.checkpoint import CheckpointError, load, trained_corpus
+    from train.cli import add_device_arg, fail, int_at_least, non_negative_int, positive_int, select_device
+    from train.corpus import find_corpus, load_split
     from train.model import ModelDims
     from train.probe import ProbeData, random_init_baseline, supervised_baseline
 
@@ -343,42 +344,36 @@ def main(argv: list[str] | None = None) -> int:
                     help="a run folder holding checkpoint.pt (and optionally decoders/); repeat per method")
     ap.add_argument("--out", required=True, help="report folder")
     ap.add_argument("--corpus", default=None, help="corpus folder (default: the first run's, else the embedded one)")
-    ap.add_argument("--seeds", type=int, default=3, help="probe seeds")
-    ap.add_argument("--probe-epochs", type=int, default=50, help="probe epochs (paper 50)")
-    ap.add_argument("--supervised-epochs", type=int, default=10, help="epochs of the supervised baseline")
+    ap.add_argument("--seeds", type=positive_int, default=3, help="probe seeds")
+    ap.add_argument("--probe-epochs", type=positive_int, default=50, help="probe epochs (paper 50)")
+    ap.add_argument("--supervised-epochs", type=positive_int, default=10, help="epochs of the supervised baseline")
     ap.add_argument("--no-baselines", action="store_true", help="skip the random-init and supervised baselines")
-    ap.add_argument("--decoder-epochs", type=int, default=200, help="epochs for decoders that must be trained")
+    ap.add_argument("--decoder-epochs", type=positive_int, default=200, help="epochs for decoders that must be trained")
     ap.add_argument("--decoder-loss", choices=("mse", "mse+logmel"), default="mse", help="decoder loss")
-    ap.add_argument("--decoder-words", type=int, default=None,
+    ap.add_argument("--decoder-words", type=positive_int, default=None,
                     help="train decoders on at most this many train-split words (default all)")
     ap.add_argument("--retrain-decoders", action="store_true", help="train decoders even if RUN/decoders has them")
-    ap.add_argument("--pairs", type=int, default=200, help="word pairs for the entanglement score")
+    ap.add_argument("--pairs", type=positive_int, default=200, help="word pairs for the entanglement score")
     ap.add_argument("--viz-level", choices=DECODER_LEVELS, default="m3", help="module for interpolation/traversal")
-    ap.add_argument("--interp-steps", type=int, default=6, help="interpolation steps from a = 0 to 1")
-    ap.add_argument("--traverse-dims", type=int, default=6, help="top-ranked dims shown in the traversal")
-    ap.add_argument("--traverse-steps", type=int, default=7, help="values per traversed dim")
-    ap.add_argument("--examples", type=int, default=3, help="test words reconstructed as WAV per module")
-    ap.add_argument("--recon-words", type=int, default=64, help="test words for the reconstruction error")
-    ap.add_argument("--max-words", type=int, default=None, help="at most this many words per split (smoke runs)")
-    ap.add_argument("--batch", type=int, default=64, help="decoder batch for entanglement")
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    ap.add_argument("--interp-steps", type=int_at_least(2), default=6, help="interpolation steps from a = 0 to 1")
+    ap.add_argument("--traverse-dims", type=positive_int, default=6, help="top-ranked dims shown in the traversal")
+    ap.add_argument("--traverse-steps", type=int_at_least(2), default=7, help="values per traversed dim")
+    ap.add_argument("--examples", type=non_negative_int, default=3, help="test words reconstructed as WAV per module")
+    ap.add_argument("--recon-words", type=positive_int, default=64, help="test words for the reconstruction error")
+    ap.add_argument("--max-words", type=positive_int, default=None, help="at most this many words per split (smoke runs)")
+    ap.add_argument("--batch", type=positive_int, default=64, help="decoder batch for entanglement")
+    add_device_arg(ap)
     args = ap.parse_args(argv)
-    for flag in ("seeds", "probe_epochs", "supervised_epochs", "decoder_epochs", "pairs", "interp_steps",
-                 "traverse_dims", "traverse_steps", "recon_words", "batch"):
-        if getattr(args, flag) < 1:
-            return fail(f"--{flag.replace('_', '-')} must be positive")
-    if args.interp_steps < 2 or args.traverse_steps < 2:
-        return fail("--interp-steps and --traverse-steps must be at least 2")
     t0 = time.time()
     out = Path(args.out)
     try:
         runs = parse_runs(args.run)
         first = load(runs[0][1] / "checkpoint.pt")
-        corpus = corpus_dir(args.corpus, first)
+        corpus = find_corpus(args.corpus, trained_corpus(first))
         data = ProbeData.from_corpus(corpus, args.max_words)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return fail(str(exc))
-    device = pick_device(args.device)
+    device = select_device(args.device)
     out.mkdir(parents=True, exist_ok=True)
     cut = (lambda u: u[:args.max_words]) if args.max_words else (lambda u: u)
     train_utts = cut(load_split(corpus, "train"))

@@ -22,6 +22,7 @@ import torch
 
 from train.audio import CROP_SAMPLES, HOP
 from train.checkpoint import FORMAT, CheckpointError, code_version, load, save_atomic
+from train.cli import device_name, select_device
 from train.loss import SimLoss
 from train.model import METHODS, Encoder, ModelDims
 
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
     p.add_argument("--crop", type=int, default=CROP_SAMPLES, help="samples per training clip (multiple of 160)")
     p.add_argument("--max-clips", type=int, help="use at most this many training clips (smoke runs)")
     p.add_argument("--out", help="run folder (default: runs/<method>)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when present")
+    p.add_argument("--device", default="auto", type=device_name, help="cpu, cuda (or cuda:N) or auto = cuda when present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -90,14 +91,6 @@ def parse_args(argv: list[str] | None = None) -> dict:
         if cfg[key] is not None and cfg[key] <= 0:
             p.error(f"--{key.replace('_', '-')} must be positive")
     return cfg
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 class Subset(torch.utils.data.Dataset):
@@ -251,7 +244,7 @@ def train(cfg: dict) -> Path:
     """Run (or resume) training as configured; returns the checkpoint path."""
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    device = resolve_device(cfg["device"])
+    device = select_device(cfg["device"])
     out = Path(cfg["out"] or f"runs/{cfg['method']}")
     ckpt_path = out / "checkpoint.pt"
 
