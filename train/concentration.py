@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.audio import CONV_LEVELS
 from train.probe import EVAL_SPLITS, ProbeData, features, probe_groups, summarise
-
-CONV_LEVELS = ("m1", "m2", "m3")
 
 
 def scaled(weights: np.ndarray) -> np.ndarray:

@@ -37,19 +37,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from train.audio import CONV_LAYERS, GREEDY_MODULES, SAMPLE_RATE, level_hops
+from train.audio import CONV_LAYERS, CONV_LEVELS, SAMPLE_RATE, level_hops, level_layers
 from train.checkpoint import CheckpointError, load, save_atomic
 
 FORMAT = "sim-decoder/1"
-DECODER_LEVELS = ("m1", "m2", "m3")
+DECODER_LEVELS = CONV_LEVELS  # one decoder per conv module
 
 
 def layers_up_to(level: str) -> list[tuple[int, int, int]]:
     """The encoder's (kernel, stride, padding) layers from the input up to the end of `level`."""
-    for name, ids in GREEDY_MODULES:
-        if name == level:
-            return [CONV_LAYERS[i] for i in range(ids[-1] + 1)]
-    raise ValueError(f"no decoder for level {level!r}; choose one of {DECODER_LEVELS}")
+    last = level_layers().get(level)
+    if last is None:
+        raise ValueError(f"no decoder for level {level!r}; choose one of {DECODER_LEVELS}")
+    return list(CONV_LAYERS[: last + 1])
 
 
 def default_extra(level: str) -> int:

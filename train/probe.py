@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from train.audio import AR, LEVELS
 from train.features import Syllables, encode_levels, syllable_crops, syllable_length
 from train.model import Encoder, ModelDims
 
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True, help="encoder checkpoint written by python -m train.sim")
     add_corpus_arg(ap)
     ap.add_argument("--seeds", type=positive_int, default=3, help="probe seeds; mean ± std over them (default 3)")
-    ap.add_argument("--level", default="ar", choices=("ar", "m1", "m2", "m3"),
+    ap.add_argument("--level", default=AR, choices=LEVELS,
                     help="features: ar = GRU output (default), m1/m2/m3 = a conv module's mu")
     ap.add_argument("--no-bias", action="store_true", help="bias-free probe (the weight analysis uses this)")
     ap.add_argument("--epochs", type=positive_int, default=50, help="probe epochs (paper: 50)")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train.audio import LEVELS
 from train.decoder import DECODER_LEVELS, decoder_path, fit_and_save, load_decoder, reconstruction_error
 from train.decoder import write_reconstructions
 from train.probe import PAPER as PAPER_TABLE2
@@ -114,7 +115,7 @@ def evaluate_run(name: str, run_dir: Path, data, splits: dict, out: Path, args, 
                  "code_version": ckpt.get("code_version")}
     t0 = time.time()
     log(f"{name}: features of {sum(len(s.vowel) for s in data.splits.values())} syllable crops")
-    feats = features(encoder, data, ("m1", "m2", "m3", "ar"), device=device)
+    feats = features(encoder, data, LEVELS, device=device)
     log(f"{name}: probes on the GRU output ({len(seeds)} seeds, {args.probe_epochs} epochs)")
     res["probe"] = probe_features(feats, data, "ar", seeds=seeds, epochs=args.probe_epochs, device=device)
     log(f"{name}: bias-free vowel probes per module")
