@@ -39,7 +39,7 @@ def test_report_end_to_end(small_corpus, tmp_path):
     assert main(argv) == 0
     index = (out / "index.md").read_text()
     for heading in ("Classification (paper Table 2)", "Vowel concentration (paper Fig. 2)",
-                    "Entanglement (paper Table 3)", "Targets (issue 3)", "Decoders", "Interpolation", "traversal"):
+                    "Entanglement (paper Table 3)", "Paper targets", "Decoders", "Interpolation", "traversal"):
         assert heading in index
     assert "92.58 ± 2.06" in index and "83.32 ± 2.06" in index  # the paper's numbers beside ours
     assert re.search(r"\| random init \| \d", index) and re.search(r"\| supervised \(1 epochs\) \| \d", index)

@@ -48,8 +48,6 @@ RECEPTIVE_FIELD = 1 + sum((k - 1) * j for (k, _, _), j in zip(CONV_LAYERS, _laye
 LEFT_REACH = sum(p * j for (_, _, p), j in zip(CONV_LAYERS, _layer_strides()))  # 212: frame f starts at HOP*f - 212
 LOOKAHEAD = RECEPTIVE_FIELD - LEFT_REACH - HOP  # 93 samples beyond a frame's own hop
 
-FRAME_MS = 1000 * HOP / SAMPLE_RATE  # 10.0 ms
-
 
 def conv_modules(method: str = "sim") -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The conv modules of a method, (level name, layer ids) in order."""

@@ -31,8 +31,8 @@ voice is reloaded before every word (which clears the echo of the previous word)
 speed of an utterance are drawn from (seed, voice, word). The same arguments give
 byte-identical wavs and manifest.
 
-Size (measured): 5978 files (4664 train, 1168 test, 146 test_voice), about 100 MB, built in
-about 6 s on two CPU cores.
+Size: 5978 files (4664 train, 1168 test, 146 test_voice); rendering is quick, one process per
+voice (docs/benchmarks.md has the size on disk and the build time).
 
 Splits. A seeded shuffle of the 729 words puts 80 % in "train" and 20 % in "test"; no word
 is in both. Every training voice renders the train words ("train") and the test words
