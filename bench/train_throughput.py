@@ -14,9 +14,9 @@ import time
 import torch
 
 from train.audio import CROP_SAMPLES
+from train.cli import device_name, select_device
 from train.loss import SimLoss
 from train.model import Encoder, ModelDims
-from train.cli import device_name, select_device
 from train.sim import train_step
 
 

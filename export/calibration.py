@@ -13,7 +13,7 @@ docs/method.md) and "maha" for everything else (GIM and CPC have no trained vari
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

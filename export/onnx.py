@@ -25,10 +25,18 @@ from export.manifest import FORMAT, MANIFEST, sha256_file, write_manifest
 from export.offline import offline_levels
 from export.runtime import StreamingModel, providers
 from export.streaming import StreamingFlush, StreamingStep, level_dims_of
-from export.verify import (CHUNK_PLANS, Report, VerificationError, audio_cases, random_mix_plans,
-                           verify_decoder_graphs, verify_offline_graphs, verify_step_graphs, verify_streaming)
-from train.audio import (HOP, LEFT_REACH, LOOKAHEAD, RECEPTIVE_FIELD, SAMPLE_RATE, AudioError, level_hops,
-                         load_audio)
+from export.verify import (
+    CHUNK_PLANS,
+    Report,
+    VerificationError,
+    audio_cases,
+    random_mix_plans,
+    verify_decoder_graphs,
+    verify_offline_graphs,
+    verify_step_graphs,
+    verify_streaming,
+)
+from train.audio import HOP, LEFT_REACH, LOOKAHEAD, RECEPTIVE_FIELD, SAMPLE_RATE, AudioError, level_hops, load_audio
 from train.checkpoint import CheckpointError, code_version, load_encoder
 from train.cli import int_at_least
 from train.model import Encoder, fold_batch_norm

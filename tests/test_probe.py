@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from train.audio import level_frames
 from train.checkpoint import encoder_checkpoint, save_atomic
 from train.concentration import near_zero, scaled, top_share
 from train.corpus import SYLLABLES, VOWELS, load_corpus
-from train.audio import level_frames
 from train.features import encode_levels, fit_length
 from train.model import Encoder, ModelDims
 from train.probe import ProbeData, accuracy, main, summarise, train_linear_probe, train_linear_probes

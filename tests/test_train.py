@@ -1,5 +1,4 @@
 """The trainer end to end on real synthesised speech: loss goes down, resume is exact, errors are clear."""
-import os
 import signal
 import subprocess
 import sys

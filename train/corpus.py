@@ -193,8 +193,8 @@ def build_corpus(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    words: "list[str] | tuple[str, ...] | None" = None,
-    voices: "list[str] | tuple[str, ...] | None" = None,
+    words: list[str] | tuple[str, ...] | None = None,
+    voices: list[str] | tuple[str, ...] | None = None,
     test_voice: str | None = TEST_VOICE,
     progress: bool = True,
 ) -> Path:
@@ -302,7 +302,8 @@ def _run_worker(job: tuple[str, list, str]) -> tuple[str, list[dict]]:
     try:
         reply = json.loads(res.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise RuntimeError(f"corpus worker for voice {job[0]!r} failed (exit {res.returncode}):\n{res.stderr[-2000:]}") from None
+        raise RuntimeError(f"corpus worker for voice {job[0]!r} failed (exit {res.returncode}):\n"
+                           f"{res.stderr[-2000:]}") from None
     if "error" in reply:
         raise (EspeakError if reply["error"] == "EspeakError" else RuntimeError)(reply["message"])
     return reply["version"], reply["records"]
@@ -328,7 +329,8 @@ def _read_info(corpus_dir: Path) -> dict:
         raise CorpusError(f"no corpus at {corpus_dir} ({hint})")
     info_path = corpus_dir / "corpus.json"
     if not info_path.is_file():
-        raise CorpusError(f"{corpus_dir} is not a complete corpus: corpus.json is missing (delete it and rebuild; {hint})")
+        raise CorpusError(f"{corpus_dir} is not a complete corpus: corpus.json is missing "
+                          f"(delete it and rebuild; {hint})")
     try:
         info = json.loads(info_path.read_text())
     except (OSError, ValueError) as exc:
@@ -451,7 +453,8 @@ def summary(corpus_dir: str | Path) -> str:
     width = max(len(v) for v in voices) if voices else 5
     lines.append(f"  {'voice':<{width}}  " + "  ".join(f"{s:>10}" for s in SPLITS))
     for v in voices:
-        lines.append(f"  {v:<{width}}  " + "  ".join(f"{sum(u.voice == v and u.split == s for u in utts):>10}" for s in SPLITS))
+        counts = (sum(u.voice == v and u.split == s for u in utts) for s in SPLITS)
+        lines.append(f"  {v:<{width}}  " + "  ".join(f"{n:>10}" for n in counts))
     lines.append(f"  {'total':<{width}}  " + "  ".join(f"{sum(u.split == s for u in utts):>10}" for s in SPLITS))
     if utts:
         n = np.array([u.n_samples for u in utts])

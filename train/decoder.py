@@ -277,8 +277,15 @@ def fit_and_save(encoder, ckpt_dims: dict, train_utts, level: str, out_dir: str 
 
 def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import load_encoder, trained_corpus
-    from train.cli import (add_corpus_arg, add_device_arg, fail, non_negative_int, positive_float, positive_int,
-                           select_device)
+    from train.cli import (
+        add_corpus_arg,
+        add_device_arg,
+        fail,
+        non_negative_int,
+        positive_float,
+        positive_int,
+        select_device,
+    )
     from train.corpus import find_corpus, load_split
 
     ap = argparse.ArgumentParser(prog="python -m train.decoder", description=(

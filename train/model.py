@@ -80,8 +80,9 @@ class ConvModule(nn.Module):
             yield x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        for x in self.layer_outputs(x):
-            pass
+        """The last conv layer's activation."""
+        for h in self.layer_outputs(x):
+            x = h
         return x
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

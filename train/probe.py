@@ -148,7 +148,7 @@ class ProbeData:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def from_corpus(cls, corpus_dir, max_words: int | None = None) -> "ProbeData":
+    def from_corpus(cls, corpus_dir, max_words: int | None = None) -> ProbeData:
         from train.corpus import load_split
 
         utts = {s: load_split(corpus_dir, s) for s in ("train",) + EVAL_SPLITS}

@@ -23,8 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from train.audio import LEVELS
-from train.decoder import DECODER_LEVELS, decoder_path, fit_and_save, load_decoder, reconstruction_error
-from train.decoder import write_reconstructions
+from train.decoder import (
+    DECODER_LEVELS,
+    decoder_path,
+    fit_and_save,
+    load_decoder,
+    reconstruction_error,
+    write_reconstructions,
+)
 from train.probe import PAPER as PAPER_TABLE2
 from train.probe import fmt
 
@@ -362,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traverse-steps", type=int_at_least(2), default=7, help="values per traversed dim")
     ap.add_argument("--examples", type=non_negative_int, default=3, help="test words reconstructed as WAV per module")
     ap.add_argument("--recon-words", type=positive_int, default=64, help="test words for the reconstruction error")
-    ap.add_argument("--max-words", type=positive_int, default=None, help="at most this many words per split (smoke runs)")
+    ap.add_argument("--max-words", type=positive_int, default=None,
+                    help="at most this many words per split (smoke runs)")
     ap.add_argument("--batch", type=positive_int, default=64, help="decoder batch for entanglement")
     add_device_arg(ap)
     args = ap.parse_args(argv)

@@ -109,8 +109,16 @@ def write_traversal(encoder, decoder: Decoder, level: str, reference, utterances
 
 def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import CheckpointError, load_encoder, trained_corpus
-    from train.cli import (add_corpus_arg, add_device_arg, fail, int_at_least, non_negative_int_list, positive_float,
-                           positive_int, select_device)
+    from train.cli import (
+        add_corpus_arg,
+        add_device_arg,
+        fail,
+        int_at_least,
+        non_negative_int_list,
+        positive_float,
+        positive_int,
+        select_device,
+    )
     from train.corpus import find_corpus, load_split
     from train.decoder import load_decoder
 
