@@ -105,8 +105,8 @@ def build_parser(defaults: TrainConfig = CPU) -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The configuration the command line asks for: the --preset's values, overridden by the flags given."""
     first = argparse.ArgumentParser(add_help=False)
-    first.add_argument("--preset", choices=sorted(PRESETS), default=CPU.preset)
-    preset = PRESETS[first.parse_known_args(argv)[0].preset]
+    first.add_argument("--preset", default=CPU.preset)
+    preset = PRESETS.get(first.parse_known_args(argv)[0].preset, CPU)  # an unknown name: the full parser says so
     return replace(preset, **vars(build_parser(preset).parse_args(argv)))
 
 
@@ -283,7 +283,8 @@ class Run:
 
 def resume_config(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict | None]:
     """With --resume: the checkpoint's configuration, with what a resumed run may change taken from `cfg`
-    (device, threads, workers and a longer --epochs), and the checkpoint itself. Without: cfg, None."""
+    (device, threads, workers and a longer --epochs), and the checkpoint itself. Without --resume: cfg
+    with its run folder filled in, and None."""
     out = cfg.run_dir
     if not cfg.resume:
         return replace(cfg, out=str(out)), None
