@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 USAGE_ERROR = 2  # exit status of every user error, as argparse uses for bad flags
 
@@ -60,6 +62,8 @@ def select_device(name: str = "auto") -> torch.device:
     """The torch device for a --device value: "auto" is CUDA when torch sees one, else the CPU.
 
     ValueError if CUDA is asked for and torch sees none, or the name is not a device."""
+    import torch  # here, so that commands without a --device (train.corpus) start without torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
