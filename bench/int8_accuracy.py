@@ -45,13 +45,13 @@ def main() -> int:
     args = ap.parse_args()
 
     from train.audio import load_audio
-    from train.corpus import ensure_corpus, load_corpus
+    from train.corpus import find_corpus, load_corpus
 
     model_dir = Path(args.model)
     if not (model_dir / STEP_FP32).is_file():
         print(f"error: {model_dir} has no {STEP_FP32}: export it with --int8", file=sys.stderr)
         return 2
-    utts = load_corpus(Path(args.corpus) if args.corpus else ensure_corpus(None, progress=True), args.split)
+    utts = load_corpus(find_corpus(args.corpus), args.split)
     pick = np.random.default_rng(args.seed).choice(len(utts), min(args.clips, len(utts)), replace=False)
     audios = [load_audio(utts[i].path) for i in pick]
     int8_model = StreamingModel(model_dir)

@@ -14,9 +14,10 @@ import time
 import torch
 
 from train.audio import CROP_SAMPLES
+from train.cli import device_name, select_device
 from train.loss import SimLoss
 from train.model import Encoder, ModelDims
-from train.sim import resolve_device, train_step
+from train.sim import train_step
 
 
 def measure(method: str, batch: int, steps: int, warmup: int, device: torch.device) -> float:
@@ -39,13 +40,13 @@ def measure(method: str, batch: int, steps: int, warmup: int, device: torch.devi
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", type=device_name)
     p.add_argument("--method", default="sim", choices=["sim", "gim", "cpc"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
-    device = resolve_device(a.device)
+    device = select_device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
     print(f"# {a.method.upper()} training throughput, torch {torch.__version__}, {name}")

@@ -9,11 +9,11 @@ Per level:
   p-values come from export.manifest.p_value over the stored sorted reference.
 
 The primary score of a level is "kl" for SIM's conv levels (the posterior's distance to the prior,
-DESIGN.md §4) and "maha" for everything else (GIM and CPC have no trained variance; the GRU has none).
+docs/method.md) and "maha" for everything else (GIM and CPC have no trained variance; the GRU has none).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -6,7 +6,8 @@ these sizes reproduce the offline model's zero padding exactly.
 """
 from __future__ import annotations
 
-from train.audio import CONV_LAYERS, END_TO_END_MODULES, GREEDY_MODULES, HOP
+from train import audio
+from train.audio import AR, CONV_LAYERS, HOP
 
 STEP_SAMPLES = HOP  # samples per stream consumed by one streaming step
 
@@ -47,16 +48,16 @@ def flush_outputs() -> tuple[int, ...]:
 
 def module_layers(method: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Conv modules (level name, layer ids) of a method: greedy (sim, gim) or end to end (cpc)."""
-    return END_TO_END_MODULES if method == "cpc" else GREEDY_MODULES
+    return audio.conv_modules(method)
 
 
 def level_layer(method: str) -> dict[str, int]:
-    """The conv layer whose output each conv level is (ar follows m3)."""
-    return {name: layers[-1] for name, layers in module_layers(method)}
+    """The conv layer whose output each conv level is (ar follows the last)."""
+    return audio.level_layers(method)
 
 
 def levels(method: str) -> tuple[str, ...]:
-    return tuple(name for name, _ in module_layers(method)) + ("ar",)
+    return audio.levels(method)
 
 
 def state_spec(channels: int, hidden: int) -> list[dict]:
@@ -76,7 +77,7 @@ def level_frames_per_graph(method: str) -> dict[str, dict[str, int]]:
     res = {}
     for graph, counts in (("step", step_outputs()), ("flush", flush_outputs())):
         per = {name: counts[i] for name, i in lay.items()}
-        per["ar"] = per["m3"]
+        per[AR] = counts[-1]
         res[graph] = per
     return res
 

@@ -25,11 +25,20 @@ from export.manifest import FORMAT, MANIFEST, sha256_file, write_manifest
 from export.offline import offline_levels
 from export.runtime import StreamingModel, providers
 from export.streaming import StreamingFlush, StreamingStep, level_dims_of
-from export.verify import (CHUNK_PLANS, Report, VerificationError, audio_cases, random_mix_plans,
-                           verify_decoder_graphs, verify_offline_graphs, verify_step_graphs, verify_streaming)
-from train.audio import (HOP, LEFT_REACH, LOOKAHEAD, RECEPTIVE_FIELD, SAMPLE_RATE, AudioError, level_hops,
-                         load_audio)
+from export.verify import (
+    CHUNK_PLANS,
+    Report,
+    VerificationError,
+    audio_cases,
+    random_mix_plans,
+    verify_decoder_graphs,
+    verify_offline_graphs,
+    verify_step_graphs,
+    verify_streaming,
+)
+from train.audio import HOP, LEFT_REACH, LOOKAHEAD, RECEPTIVE_FIELD, SAMPLE_RATE, AudioError, level_hops, load_audio
 from train.checkpoint import CheckpointError, code_version, load_encoder
+from train.cli import int_at_least
 from train.model import Encoder, fold_batch_norm
 
 # Extra random utterance lengths streamed in verification: shorter than the first frame's 253
@@ -59,15 +68,10 @@ def geometry(dims) -> dict:
 
 def load_reference_audio(corpus_dir: str | None, n_clips: int, seed: int) -> list[np.ndarray]:
     """n_clips utterances of the corpus's held-out "test" split (words the encoder never trained on)."""
-    from train.corpus import CorpusError, ensure_corpus, load_corpus
+    from train.corpus import CorpusError, find_corpus, load_corpus
 
     try:
-        if corpus_dir is None:
-            root = ensure_corpus(None, progress=True)
-        else:
-            root = Path(corpus_dir)
-            if not root.is_dir():
-                raise ExportError(f"{root}: no such corpus directory (build one with python -m train.corpus --out DIR)")
+        root = find_corpus(corpus_dir)
         utts = load_corpus(root, "test")
     except CorpusError as exc:
         raise ExportError(str(exc)) from None
@@ -268,6 +272,17 @@ def verify_export(out: Path, encoder: Encoder, gaussians: dict, decoders: dict, 
     return result
 
 
+def false_positive_rate(text: str) -> float:
+    """An argparse type: a rate in (0, 0.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0.0 < value < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
@@ -276,9 +291,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint.pt written by python -m train.sim")
     p.add_argument("--out", required=True, help="output directory (created; files in it are replaced)")
     p.add_argument("--decoders", metavar="DIR", help="directory of decoder_<level>.pt from python -m train.decoder")
-    p.add_argument("--fpr", type=float, default=0.01,
+    p.add_argument("--fpr", type=false_positive_rate, default=0.01,
                    help="false-positive rate of the OOD thresholds on in-distribution frames (default 0.01)")
-    p.add_argument("--calibration-clips", type=int, default=400, metavar="N",
+    p.add_argument("--calibration-clips", type=int_at_least(2), default=400, metavar="N",
                    help="held-out corpus utterances used for calibration, half to fit, half to score (default 400)")
     p.add_argument("--corpus", metavar="DIR", help="corpus directory (default: the default corpus cache)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing clips and random test audio")
@@ -293,10 +308,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if not 0.0 < args.fpr < 0.5:
-        p.error(f"--fpr must be in (0, 0.5), got {args.fpr}")
-    if args.calibration_clips < 2:
-        p.error(f"--calibration-clips must be at least 2, got {args.calibration_clips}")
     try:
         run_export(args)
     except ExportError as exc:

@@ -102,8 +102,13 @@ def quantize_step(model_dir: Path, audios: list[np.ndarray], nodes: list[str], r
 
     Returns the manifest's "quantization" entry (without the accuracy figures)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from export.rowquant import rowquant_gemms
 

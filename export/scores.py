@@ -25,7 +25,7 @@ class Mahalanobis(nn.Module):
                                                        .astype(np.float32)))
 
     @classmethod
-    def identity(cls, dim: int) -> "Mahalanobis":
+    def identity(cls, dim: int) -> Mahalanobis:
         """A standard-normal reference (mean 0, identity whitening): maha = ||mu||^2."""
         return cls(np.zeros(dim, np.float32), np.eye(dim, dtype=np.float32))
 

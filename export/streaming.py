@@ -6,10 +6,10 @@ StreamingFlush: end of stream: the last partial hop (< 160 samples) + state -> t
 
 Per conv layer i the state holds cache_i, the not-yet-consumed tail of the layer's input (sizes
 export.geometry.cache_sizes() = 7, 5, 3, 3, 2 frames), time-major: (frames, channels). Everything
-inside the graphs is time-major (B, frames, channels), so no Transpose is needed anywhere. The GRU's state is gru_h; `started` (0/1) says
-whether the stream has taken its first step. On a stream's first step the first output of every layer
-is a "phantom" that reads pre-stream cache slots; it is zeroed and then plays the role of the next
-layer's last left-padding zero. docs/streaming.md derives the arithmetic.
+inside the graphs is time-major (B, frames, channels), so no Transpose is needed anywhere. The GRU's
+state is gru_h; `started` (0/1) says whether the stream has taken its first step. On a stream's
+first step the first output of every layer is a "phantom" that reads pre-stream cache slots; it is
+zeroed and then plays the role of the next layer's last left-padding zero. docs/streaming.md derives the arithmetic.
 
 Outputs, per level L: mu_L (B, n, C), valid_L (B, n) bool, logvar_L and kl_L (variational only),
 maha_L (B, n); then next_<state> for each state input. Invalid frames are zero in every output.

@@ -67,7 +67,8 @@ class Report:
         if self.failures:
             shown = "\n  ".join(self.failures[:40])
             more = f"\n  ... and {len(self.failures) - 40} more" if len(self.failures) > 40 else ""
-            raise VerificationError(f"{title}: {len(self.failures)} of {self.checks} comparisons failed:\n  {shown}{more}")
+            raise VerificationError(f"{title}: {len(self.failures)} of {self.checks} comparisons failed:\n"
+                                    f"  {shown}{more}")
 
     def summary(self) -> str:
         return f"{self.checks} comparisons, worst max-abs-error/scale {self.worst:.2e} (tolerance {TOL:g})"
@@ -133,28 +134,31 @@ def verify_step_graphs(out_dir: Path, encoder: Encoder, gaussians: dict | None, 
         got = {"step": {n: [] for n in out_names}, "flush": {n: [] for n in out_names}}
         ref = {"step": {n: [] for n in out_names}, "flush": {n: [] for n in out_names}}
 
-        def keep(graph, names_values_got, values_ref):
-            for name, g, r in zip(out_names, names_values_got, values_ref):
-                got[graph][name].append(g)
-                ref[graph][name].append(r)
-
         for t in range(n_hops + 1):
             tail = audio[:, t * HOP:(t + 1) * HOP]
             tail = np.pad(tail, ((0, 0), (0, HOP - tail.shape[1])))
             tail_len = np.array([(t * 37 + 59 * i) % HOP for i in range(batch)], np.int64)
             feeds = dict(zip(flush.input_names(), [tail, tail_len] + state))
-            keep("flush", flush_s.run(out_names, feeds), _torch(flush, tail, tail_len, *state))
+            _keep(got["flush"], ref["flush"], out_names, flush_s.run(out_names, feeds),
+                  _torch(flush, tail, tail_len, *state))
             if t == n_hops:
                 break
             hop = audio[:, t * HOP:(t + 1) * HOP]
             feeds = dict(zip(step.input_names(), [hop] + state))
             r = _torch(step, hop, *state)
-            keep("step", step_s.run(out_names, feeds), r)
+            _keep(got["step"], ref["step"], out_names, step_s.run(out_names, feeds), r)
             state = list(r[len(out_names) - n_state:])
         for graph in ("step", "flush"):
             for name in out_names:
                 report.compare(f"{graph}.onnx [{case}, {n_hops} hops] {name}",
                                np.stack(got[graph][name]), np.stack(ref[graph][name]))
+
+
+def _keep(got: dict[str, list], ref: dict[str, list], names: list[str], values_got, values_ref) -> None:
+    """Append one call's outputs, onnxruntime's to got and torch's to ref, by output name."""
+    for name, g, r in zip(names, values_got, values_ref):
+        got[name].append(g)
+        ref[name].append(r)
 
 
 def verify_decoder_graphs(out_dir: Path, encoder: Encoder, decoders: dict[str, torch.nn.Module],

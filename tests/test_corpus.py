@@ -12,8 +12,18 @@ import soundfile as sf
 
 from train.audio import CROP_SAMPLES, SAMPLE_RATE
 from train.corpus import (
-    ALL_WORDS, SYLLABLES, TEST_VOICE, VOWELS, CorpusError, build_corpus, corpus_info, default_corpus_dir,
-    ensure_corpus, load_corpus, main, word_split,
+    ALL_WORDS,
+    SYLLABLES,
+    TEST_VOICE,
+    VOWELS,
+    CorpusError,
+    build_corpus,
+    corpus_info,
+    default_corpus_dir,
+    ensure_corpus,
+    load_corpus,
+    main,
+    word_split,
 )
 from train.espeak import EspeakError
 

@@ -7,8 +7,16 @@ import torch
 
 from train.audio import frames_per_layer, level_frames
 from train.checkpoint import CheckpointError, encoder_checkpoint, save_atomic
-from train.decoder import (DECODER_LEVELS, Decoder, ReconstructionLoss, decoder_path, load_decoder, main,
-                           save_decoder, train_decoder)
+from train.decoder import (
+    DECODER_LEVELS,
+    Decoder,
+    ReconstructionLoss,
+    decoder_path,
+    load_decoder,
+    main,
+    save_decoder,
+    train_decoder,
+)
 from train.model import Encoder, ModelDims
 
 TINY = dict(channels=32, hidden=16)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from train.decoder import Decoder
-from train.entanglement import (default_ks, dim_ranks, mix, relative_errors, relative_errors_reference,
-                                sample_pairs)
+from train.entanglement import default_ks, dim_ranks, mix, relative_errors, relative_errors_reference, sample_pairs
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,8 @@ from export.graphs import EncoderGraph, ModuleGraph
 from export.manifest import ManifestError, load_manifest, p_value, sha256_file
 from export.onnx import main
 from export.runtime import StreamingModel, make_session
-from export.verify import (CHUNK_PLANS, Report, VerificationError, audio_cases, verify_offline_graphs,
-                           verify_streaming)
-from test_export_support import (exported, one_torch_thread, small_encoder, write_checkpoint,  # noqa: F401
-                                 write_decoders)
+from export.verify import CHUNK_PLANS, Report, VerificationError, audio_cases, verify_offline_graphs, verify_streaming
+from test_export_support import exported, one_torch_thread, small_encoder, write_checkpoint, write_decoders  # noqa: F401
 from train.checkpoint import load_encoder
 from train.decoder import load_decoder
 
@@ -176,7 +174,8 @@ def test_verification_reports_mismatches_with_numbers(exported, small_corpus):
     with one_torch_thread():
         verify_offline_graphs(out, other, None, audio_cases([], rng), report)
     assert report.failures
-    with pytest.raises(VerificationError, match=r"m1\.onnx \[random\] mu: max abs error / scale = [0-9.e+-]+ > 0\.0001"):
+    failure = r"m1\.onnx \[random\] mu: max abs error / scale = [0-9.e+-]+ > 0\.0001"
+    with pytest.raises(VerificationError, match=failure):
         report.raise_if_failed("onnxruntime differs from torch")
 
     report = Report()
@@ -239,7 +238,8 @@ def test_gaussian_fit_whitens_and_the_threshold_is_the_quantile():
     stats = score_stats(scores, 0.01)
     assert stats["threshold"] == pytest.approx(np.quantile(scores, 0.99))
     assert len(stats["reference"]) == 4096 and stats["n_ref"] == 20000
-    assert stats["reference"][0] == pytest.approx(scores.min()) and stats["reference"][-1] == pytest.approx(scores.max())
+    assert stats["reference"][0] == pytest.approx(scores.min())
+    assert stats["reference"][-1] == pytest.approx(scores.max())
     assert info["n_fit"] == 20000 and 0.0 <= info["shrinkage"] < 0.05
 
 

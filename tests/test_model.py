@@ -4,7 +4,7 @@ import torch
 
 from train.audio import HOP, LEFT_REACH, RECEPTIVE_FIELD, level_frames
 from train.loss import SimLoss
-from train.model import fold_batch_norm, Encoder, ModelDims, kl_to_standard_normal
+from train.model import Encoder, ModelDims, fold_batch_norm, kl_to_standard_normal
 
 SMALL = dict(channels=32, hidden=16)
 

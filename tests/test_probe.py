@@ -8,13 +8,22 @@ import numpy as np
 import pytest
 import torch
 
+from train.audio import level_frames
 from train.checkpoint import encoder_checkpoint, save_atomic
 from train.concentration import near_zero, scaled, top_share
 from train.corpus import SYLLABLES, VOWELS, load_corpus
-from train.audio import level_frames
 from train.features import encode_levels, fit_length
 from train.model import Encoder, ModelDims
-from train.probe import spread, split_validation, ProbeData, accuracy, main, summarise, train_linear_probe, train_linear_probes
+from train.probe import (
+    ProbeData,
+    accuracy,
+    main,
+    split_validation,
+    spread,
+    summarise,
+    train_linear_probe,
+    train_linear_probes,
+)
 
 TINY = dict(channels=32, hidden=16)
 
@@ -139,7 +148,9 @@ def test_cli_writes_json(small_corpus, tmp_path, capsys):
 def test_cli_user_errors(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "error:" in capsys.readouterr().err
-    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--seeds", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:  # a bad flag value is argparse's usage error
+        main(["--checkpoint", str(tmp_path / "missing.pt"), "--seeds", "0"])
+    assert exc.value.code == 2
 
 
 def test_spread_keeps_every_voice(small_corpus):

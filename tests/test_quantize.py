@@ -5,8 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from export.manifest import load_manifest
-from export.manifest import MANIFEST
+from export.manifest import MANIFEST, load_manifest
 from export.quantize import STEP_FP32
 from export.runtime import StreamingModel, encode_streaming, encode_streams
 from test_export_support import one_torch_thread, write_checkpoint
@@ -147,7 +146,8 @@ def test_row_quantized_gemm_is_8_bit_accurate_and_keeps_rows_independent(non_neg
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     assert rowquant_gemms(model, ["/Gemm_5"], frozenset(["/Gemm_5"] if two_part else [])) == ["/Gemm_5"]
-    assert "Gemm" not in {nd.op_type for nd in model.graph.node} and "w" not in {i.name for i in model.graph.initializer}
+    assert "Gemm" not in {nd.op_type for nd in model.graph.node}
+    assert "w" not in {i.name for i in model.graph.initializer}
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
     x = rng.standard_normal((32, k)).astype(np.float32) * rng.gamma(1.0, 1.0, (32, 1)).astype(np.float32)

@@ -49,7 +49,7 @@ def test_geometry_follows_from_the_layer_table():
     assert flush_outputs() == (32, 8, 5, 4, 2)
     # a step consumes exactly its own input and keeps the cache size: outputs * stride == new inputs
     n = HOP
-    for (k, s, p), c, o in zip(CONV_LAYERS, cache_sizes(), step_outputs()):
+    for (k, s, _), c, o in zip(CONV_LAYERS, cache_sizes(), step_outputs()):
         assert (c + n - k) // s + 1 == o and o * s == n and k - s <= c < k
         n = o
     spec = state_spec(32, 16)

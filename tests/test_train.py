@@ -1,5 +1,4 @@
 """The trainer end to end on real synthesised speech: loss goes down, resume is exact, errors are clear."""
-import os
 import signal
 import subprocess
 import sys
@@ -12,8 +11,9 @@ import soundfile as sf
 import torch
 
 from train.checkpoint import CheckpointError, load, load_encoder
-from train.sim import beta_at, build_datasets, parse_args, train, validate
+from train.config import TrainConfig
 from train.loss import SimLoss
+from train.sim import beta_at, build_datasets, parse_args, train, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--channels", "32", "--hidden", "16", "--threads", "1"]
@@ -26,16 +26,16 @@ def tiny_args(corpus, out, *extra):
 
 def test_short_training_run_lowers_the_loss(small_corpus, tmp_path):
     cfg = parse_args(tiny_args(small_corpus, tmp_path / "run", "--method", "gim", "--epochs", "10", "--lr", "3e-3"))
-    ckpt = train(dict(cfg))
+    ckpt = train(cfg)
     trained, saved = load_encoder(ckpt)
     assert saved["epoch"] == 10 and saved["step"] == 10 * 4
     # Untrained encoder with the same seed = the starting point; compare on the training clips.
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     from train.model import Encoder, ModelDims
 
     start = Encoder(ModelDims("gim", 32, 16))
-    cfg.update(saved["config"])
-    train_ds, _ = build_datasets(dict(cfg))
+    cfg = TrainConfig.from_dict(saved["config"])
+    train_ds, _ = build_datasets(cfg)
     crit = SimLoss(start.dims)
     crit.load_state_dict(saved["loss"])
     before = validate(start, crit, train_ds, cfg, torch.device("cpu"))["loss"]
@@ -65,6 +65,42 @@ def test_batch_norm_warmup_and_width_reach_the_checkpoint_and_resume(small_corpu
 
 def _weights(path):
     return load(path)["model"]
+
+
+def test_flags_default_to_the_chosen_preset():
+    from train.config import CPU, PAPER
+
+    assert parse_args([]) == CPU
+    assert parse_args(["--preset", "paper"]) == PAPER
+    assert parse_args(["--preset", "paper", "--batch-size", "16"]).batch_size == 16
+    assert PAPER.epochs_for(680) == 1000 and CPU.epochs_for(4664) == 1 and CPU.epochs_for(1000) == 5
+    for bad in (["--crop", "1000"], ["--epochs", "0"], ["--beta-warmup", "-1"], ["--lr", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(bad)
+        assert exc.value.code == 2
+
+
+def test_a_config_saved_before_the_newer_keys_reads_as_it_trained():
+    old = {k: v for k, v in parse_args(["--preset", "paper"]).to_dict().items()
+           if k not in ("beta_warmup", "batch_norm", "negatives", "clips_seen")}
+    cfg = TrainConfig.from_dict({**old, "obsolete": 1})
+    assert (cfg.beta_warmup, cfg.batch_norm, cfg.negatives, cfg.clips_seen) == (0, False, "window", 680_000)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_an_old_checkpoint_resumes_exactly(small_corpus, tmp_path):
+    window = ("--negatives", "window")
+    full = train(parse_args(tiny_args(small_corpus, tmp_path / "a", "--epochs", "2", *window)))
+    first = train(parse_args(tiny_args(small_corpus, tmp_path / "b", "--epochs", "1", *window)))
+    ckpt = torch.load(first, weights_only=True)  # as a run from before the newer keys wrote it
+    for key in ("beta_warmup", "batch_norm", "negatives", "clips_seen"):
+        del ckpt["config"][key]
+    del ckpt["dims"]["batch_norm"]
+    torch.save(ckpt, first)
+    resumed = train(parse_args(tiny_args(small_corpus, tmp_path / "b", "--epochs", "2", "--resume")))
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load(resumed)["config"]["negatives"] == "window"
 
 
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(small_corpus, tmp_path):

@@ -21,9 +21,15 @@ CONV_LAYERS: tuple[tuple[int, int, int], ...] = (
     (4, 2, 1),
 )
 
-# How the conv layers are grouped into greedily trained modules, named by their output level.
+# Output levels. The conv layers are grouped into modules, each named by the level its output is:
+# SIM and GIM train three modules greedily; CPC trains one module of all five layers end to end, and its
+# output is level m3. The GRU ("ar") reads the last module's output, one frame per HOP.
 GREEDY_MODULES: tuple[tuple[str, tuple[int, ...]], ...] = (("m1", (0, 1)), ("m2", (2, 3)), ("m3", (4,)))
 END_TO_END_MODULES: tuple[tuple[str, tuple[int, ...]], ...] = (("m3", (0, 1, 2, 3, 4)),)
+END_TO_END_METHODS = ("cpc",)
+AR = "ar"
+CONV_LEVELS: tuple[str, ...] = tuple(name for name, _ in GREEDY_MODULES)  # m1 m2 m3
+LEVELS: tuple[str, ...] = CONV_LEVELS + (AR,)  # every level, in order: m1 m2 m3 ar
 
 CROP_SAMPLES = 10_240  # samples per training clip (640 ms), as in the paper
 
@@ -42,18 +48,27 @@ RECEPTIVE_FIELD = 1 + sum((k - 1) * j for (k, _, _), j in zip(CONV_LAYERS, _laye
 LEFT_REACH = sum(p * j for (_, _, p), j in zip(CONV_LAYERS, _layer_strides()))  # 212: frame f starts at HOP*f - 212
 LOOKAHEAD = RECEPTIVE_FIELD - LEFT_REACH - HOP  # 93 samples beyond a frame's own hop
 
-FRAME_MS = 1000 * HOP / SAMPLE_RATE  # 10.0 ms
+
+def conv_modules(method: str = "sim") -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The conv modules of a method, (level name, layer ids) in order."""
+    return END_TO_END_MODULES if method in END_TO_END_METHODS else GREEDY_MODULES
+
+
+def levels(method: str = "sim") -> tuple[str, ...]:
+    """A method's output levels in order: its conv modules, then the GRU (SIM/GIM: m1 m2 m3 ar; CPC: m3 ar)."""
+    return tuple(name for name, _ in conv_modules(method)) + (AR,)
+
+
+def level_layers(method: str = "sim") -> dict[str, int]:
+    """The conv layer whose output each conv level is (the GRU follows the last one)."""
+    return {name: layers[-1] for name, layers in conv_modules(method)}
 
 
 def level_hops() -> dict[str, int]:
     """Samples per frame at each output level (m1: 20, m2: 80, m3 and ar: 160)."""
-    hops, s = {}, 1
-    for i, (_, stride, _) in enumerate(CONV_LAYERS):
-        s *= stride
-        for name, layers in GREEDY_MODULES:
-            if layers[-1] == i:
-                hops[name] = s
-    hops["ar"] = HOP
+    strides = [s for _, s, _ in CONV_LAYERS]
+    hops = {name: math.prod(strides[: last + 1]) for name, last in level_layers().items()}
+    hops[AR] = HOP
     return hops
 
 
@@ -74,8 +89,8 @@ def frames_per_layer(n_samples: int) -> list[int]:
 def level_frames(n_samples: int) -> dict[str, int]:
     """Offline frame count of each level (m1, m2, m3, ar) for a waveform of n_samples."""
     counts = frames_per_layer(n_samples)
-    out = {name: counts[layers[-1]] for name, layers in GREEDY_MODULES}
-    out["ar"] = out["m3"]
+    out = {name: counts[last] for name, last in level_layers().items()}
+    out[AR] = counts[-1]
     return out
 
 

@@ -90,6 +90,11 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
     return encoder.eval(), ckpt
 
 
+def trained_corpus(ckpt: dict) -> str | None:
+    """The corpus folder a checkpoint's run trained on, as recorded in its config (None if not recorded)."""
+    return (ckpt.get("config") or {}).get("corpus_dir")
+
+
 def encoder_checkpoint(encoder: Encoder, config: dict | None = None, **extra) -> dict:
     """A minimal valid checkpoint for an encoder (tests, untrained baselines)."""
     return {"format": FORMAT, "dims": encoder.dims.to_dict(), "model": encoder.state_dict(),

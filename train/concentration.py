@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.audio import CONV_LEVELS
 from train.probe import EVAL_SPLITS, ProbeData, features, probe_groups, summarise
-
-CONV_LEVELS = ("m1", "m2", "m3")
 
 
 def scaled(weights: np.ndarray) -> np.ndarray:
@@ -67,8 +66,9 @@ def vowel_concentration(encoder, data: ProbeData, *, levels=CONV_LEVELS, seeds=(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.checkpoint import CheckpointError, load_encoder
-    from train.eval_cli import add_corpus_arg, corpus_dir, fail, pick_device
+    from train.checkpoint import CheckpointError, load_encoder, trained_corpus
+    from train.cli import add_corpus_arg, add_device_arg, fail, positive_int, select_device
+    from train.corpus import find_corpus
     from train.plots import plot_weight_histograms
 
     ap = argparse.ArgumentParser(prog="python -m train.concentration", description=(
@@ -76,19 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         "and the share of weight mass in the top 10 % of dims."))
     ap.add_argument("--checkpoint", required=True, help="encoder checkpoint written by python -m train.sim")
     add_corpus_arg(ap)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=50)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seeds", type=positive_int, default=3)
+    ap.add_argument("--epochs", type=positive_int, default=50)
+    add_device_arg(ap)
     ap.add_argument("--out", required=True, help="output folder (concentration.png, concentration.json)")
     args = ap.parse_args(argv)
-    if args.seeds < 1 or args.epochs < 1:
-        return fail("--seeds and --epochs must be positive")
     try:
         encoder, ckpt = load_encoder(args.checkpoint)
-        data = ProbeData.from_corpus(corpus_dir(args.corpus, ckpt))
+        data = ProbeData.from_corpus(find_corpus(args.corpus, trained_corpus(ckpt)))
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
-    device = pick_device(args.device)
+    device = select_device(args.device)
     res = vowel_concentration(encoder.to(device), data, seeds=range(args.seeds), epochs=args.epochs, device=device)
     method = ckpt["dims"]["method"]
     out = Path(args.out)

@@ -31,8 +31,8 @@ voice is reloaded before every word (which clears the echo of the previous word)
 speed of an utterance are drawn from (seed, voice, word). The same arguments give
 byte-identical wavs and manifest.
 
-Size (measured): 5978 files (4664 train, 1168 test, 146 test_voice), about 100 MB, built in
-about 6 s on two CPU cores.
+Size: 5978 files (4664 train, 1168 test, 146 test_voice); rendering is quick, one process per
+voice (docs/benchmarks.md has the size on disk and the build time).
 
 Splits. A seeded shuffle of the 729 words puts 80 % in "train" and 20 % in "test"; no word
 is in both. Every training voice renders the train words ("train") and the test words
@@ -193,8 +193,8 @@ def build_corpus(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    words: "list[str] | tuple[str, ...] | None" = None,
-    voices: "list[str] | tuple[str, ...] | None" = None,
+    words: list[str] | tuple[str, ...] | None = None,
+    voices: list[str] | tuple[str, ...] | None = None,
     test_voice: str | None = TEST_VOICE,
     progress: bool = True,
 ) -> Path:
@@ -302,7 +302,8 @@ def _run_worker(job: tuple[str, list, str]) -> tuple[str, list[dict]]:
     try:
         reply = json.loads(res.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise RuntimeError(f"corpus worker for voice {job[0]!r} failed (exit {res.returncode}):\n{res.stderr[-2000:]}") from None
+        raise RuntimeError(f"corpus worker for voice {job[0]!r} failed (exit {res.returncode}):\n"
+                           f"{res.stderr[-2000:]}") from None
     if "error" in reply:
         raise (EspeakError if reply["error"] == "EspeakError" else RuntimeError)(reply["message"])
     return reply["version"], reply["records"]
@@ -328,7 +329,8 @@ def _read_info(corpus_dir: Path) -> dict:
         raise CorpusError(f"no corpus at {corpus_dir} ({hint})")
     info_path = corpus_dir / "corpus.json"
     if not info_path.is_file():
-        raise CorpusError(f"{corpus_dir} is not a complete corpus: corpus.json is missing (delete it and rebuild; {hint})")
+        raise CorpusError(f"{corpus_dir} is not a complete corpus: corpus.json is missing "
+                          f"(delete it and rebuild; {hint})")
     try:
         info = json.loads(info_path.read_text())
     except (OSError, ValueError) as exc:
@@ -423,6 +425,25 @@ def ensure_corpus(dir: str | Path | None = None, seed: int = 0, progress: bool =
     return build_corpus(corpus_dir, seed=seed, progress=progress)
 
 
+def find_corpus(explicit: str | Path | None = None, trained_on: str | Path | None = None,
+                progress: bool = True) -> Path:
+    """The corpus a command reads: `explicit` (a --corpus flag; it must exist), else `trained_on` (the
+    corpus_dir a checkpoint recorded) while it still exists, else the default corpus (built on first use)."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_dir():
+            raise CorpusError(f"{path}: no such corpus directory (build one with python -m train.corpus --out DIR)")
+        return path
+    if trained_on and Path(trained_on).is_dir():
+        return Path(trained_on)
+    return ensure_corpus(None, seed=0, progress=progress)
+
+
+def load_split(corpus_dir: str | Path, split: str) -> list[Utterance]:
+    """Utterances of one split, in a fixed order (by id)."""
+    return sorted(load_corpus(corpus_dir, split=split), key=lambda u: u.id)
+
+
 def summary(corpus_dir: str | Path) -> str:
     """Human-readable counts per split and voice, durations and crop overruns."""
     utts = load_corpus(corpus_dir)
@@ -432,7 +453,8 @@ def summary(corpus_dir: str | Path) -> str:
     width = max(len(v) for v in voices) if voices else 5
     lines.append(f"  {'voice':<{width}}  " + "  ".join(f"{s:>10}" for s in SPLITS))
     for v in voices:
-        lines.append(f"  {v:<{width}}  " + "  ".join(f"{sum(u.voice == v and u.split == s for u in utts):>10}" for s in SPLITS))
+        counts = (sum(u.voice == v and u.split == s for u in utts) for s in SPLITS)
+        lines.append(f"  {v:<{width}}  " + "  ".join(f"{n:>10}" for n in counts))
     lines.append(f"  {'total':<{width}}  " + "  ".join(f"{sum(u.split == s for u in utts):>10}" for s in SPLITS))
     if utts:
         n = np.array([u.n_samples for u in utts])
@@ -465,15 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--words", nargs="+", metavar="WORD", help="render only these words (default: all 729)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    from train.cli import fail
+
     try:
         build_corpus(args.out, seed=args.seed, words=args.words, voices=args.voices, test_voice=args.test_voice,
                      progress=not args.no_progress)
-    except (FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # espeak refused a voice or misread a word
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (FileExistsError, ValueError, RuntimeError) as exc:  # RuntimeError: espeak refused a voice or word
+        return fail(str(exc))
     print(summary(args.out))
     return 0
 

@@ -12,8 +12,8 @@ Folders are validated up front (scan_audio_dir): every unusable file is reported
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -37,19 +37,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from train.audio import CONV_LAYERS, GREEDY_MODULES, SAMPLE_RATE, level_hops
+from train.audio import CONV_LAYERS, CONV_LEVELS, SAMPLE_RATE, level_hops, level_layers
 from train.checkpoint import CheckpointError, load, save_atomic
 
 FORMAT = "sim-decoder/1"
-DECODER_LEVELS = ("m1", "m2", "m3")
+DECODER_LEVELS = CONV_LEVELS  # one decoder per conv module
 
 
 def layers_up_to(level: str) -> list[tuple[int, int, int]]:
     """The encoder's (kernel, stride, padding) layers from the input up to the end of `level`."""
-    for name, ids in GREEDY_MODULES:
-        if name == level:
-            return [CONV_LAYERS[i] for i in range(ids[-1] + 1)]
-    raise ValueError(f"no decoder for level {level!r}; choose one of {DECODER_LEVELS}")
+    last = level_layers().get(level)
+    if last is None:
+        raise ValueError(f"no decoder for level {level!r}; choose one of {DECODER_LEVELS}")
+    return list(CONV_LAYERS[: last + 1])
 
 
 def default_extra(level: str) -> int:
@@ -276,8 +276,17 @@ def fit_and_save(encoder, ckpt_dims: dict, train_utts, level: str, out_dir: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.checkpoint import load_encoder
-    from train.eval_cli import add_corpus_arg, corpus_dir, fail, load_split, pick_device
+    from train.checkpoint import load_encoder, trained_corpus
+    from train.cli import (
+        add_corpus_arg,
+        add_device_arg,
+        fail,
+        non_negative_int,
+        positive_float,
+        positive_int,
+        select_device,
+    )
+    from train.corpus import find_corpus, load_split
 
     ap = argparse.ArgumentParser(prog="python -m train.decoder", description=(
         "Train one decoder per conv module on frozen encoder latents (mu) of the corpus train split, save "
@@ -287,24 +296,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--level", default="all", choices=DECODER_LEVELS + ("all",), help="which module (default all)")
     ap.add_argument("--loss", default="mse", choices=("mse", "mse+logmel"), help="reconstruction loss (default mse)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
-    ap.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (paper: 2e-4)")
-    ap.add_argument("--batch", type=int, default=64, help="batch size (paper: 64)")
-    ap.add_argument("--width", type=int, default=None, help="hidden channels (default: the latent width)")
-    ap.add_argument("--examples", type=int, default=4, help="test words to reconstruct as WAV (default 4)")
+    ap.add_argument("--epochs", type=positive_int, default=200, help="training epochs (paper: 200)")
+    ap.add_argument("--lr", type=positive_float, default=2e-4, help="Adam learning rate (paper: 2e-4)")
+    ap.add_argument("--batch", type=positive_int, default=64, help="batch size (paper: 64)")
+    ap.add_argument("--width", type=positive_int, default=None, help="hidden channels (default: the latent width)")
+    ap.add_argument("--examples", type=non_negative_int, default=4,
+                    help="test words to reconstruct as WAV (default 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    add_device_arg(ap)
     add_corpus_arg(ap)
     args = ap.parse_args(argv)
-    if args.epochs < 1 or args.batch < 1 or args.examples < 0:
-        return fail("--epochs and --batch must be positive, --examples not negative")
     try:
         encoder, ckpt = load_encoder(args.checkpoint)
-        corpus = corpus_dir(args.corpus, ckpt)
+        corpus = find_corpus(args.corpus, trained_corpus(ckpt))
         train_utts, test_utts = load_split(corpus, "train"), load_split(corpus, "test")
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
-    device = pick_device(args.device)
+    device = select_device(args.device)
     encoder.to(device)
     if not train_utts:
         return fail(f"{corpus}: the train split is empty")

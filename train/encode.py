@@ -6,6 +6,7 @@ kl_m1, kl_m2, kl_m3 (per-frame KL to N(0, I), nats). The streaming service must 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 
 from train.audio import AudioError, load_audio
 from train.checkpoint import CheckpointError, load_encoder
+from train.cli import fail
 from train.model import Encoder
 
 
@@ -23,7 +25,7 @@ def encode_array(encoder: Encoder, audio: np.ndarray) -> dict[str, np.ndarray]:
     return {name: t[0].cpu().numpy().astype(np.float32) for name, t in out.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.encode", description=__doc__.split("\n\n")[0])
     p.add_argument("audio", help="16 kHz mono wav/flac (other rates and stereo are converted with --convert)")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by python -m train.sim")
@@ -34,13 +36,14 @@ def main(argv: list[str] | None = None) -> None:
         encoder, _ = load_encoder(a.checkpoint)
         audio = load_audio(a.audio, allow_resample=a.convert, mixdown=a.convert)
     except (CheckpointError, AudioError) as exc:
-        p.exit(2, f"error: {exc}\n")
+        return fail(str(exc))
     arrays = encode_array(encoder, audio)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     np.savez(a.out, **arrays)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
     print(f"{a.audio}: {len(audio)} samples -> {a.out}: {shapes}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -78,7 +78,7 @@ class Rendering:
 class Espeak:
     """One synchronous espeak-ng instance. The library is process-global: create one per process."""
 
-    _instance: "Espeak | None" = None
+    _instance: Espeak | None = None
 
     def __init__(self) -> None:
         if Espeak._instance is not None:
@@ -125,7 +125,7 @@ class Espeak:
         Espeak._instance = self
 
     @classmethod
-    def get(cls) -> "Espeak":
+    def get(cls) -> Espeak:
         return cls._instance if cls._instance is not None else cls()
 
     def _on_synth(self, wav, n, events) -> int:

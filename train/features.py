@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from train.audio import CROP_SAMPLES, GREEDY_MODULES, HOP, load_audio
+from train.audio import CROP_SAMPLES, HOP, LEVELS, level_layers, load_audio
 from train.model import Encoder
-
-LEVELS = ("m1", "m2", "m3", "ar")
 
 
 def fit_length(audio: np.ndarray, n: int, centre: bool = False) -> np.ndarray:
@@ -70,11 +68,6 @@ def syllable_crops(utterances, length: int) -> Syllables:
     return Syllables(audio_t, torch.tensor(vowels, dtype=torch.long), torch.tensor(syls, dtype=torch.long), words)
 
 
-def _cpc_layer_level(level: str) -> int:
-    """Index of the conv layer in CPC's single module whose ReLU output stands in for `level`."""
-    return dict(GREEDY_MODULES)[level][-1]
-
-
 def level_outputs(encoder: Encoder, audio: torch.Tensor, levels) -> dict[str, torch.Tensor]:
     """Deterministic latents (B, T, C) channels-last for the asked levels, for any method."""
     out: dict[str, torch.Tensor] = {}
@@ -82,7 +75,7 @@ def level_outputs(encoder: Encoder, audio: torch.Tensor, levels) -> dict[str, to
     need_intermediate = [lv for lv in levels if lv not in dims.levels]
     if need_intermediate:  # CPC's m1 / m2: activations inside its single module
         module = encoder.convs["m3"]
-        want = {_cpc_layer_level(lv): lv for lv in need_intermediate}
+        want = {level_layers()[lv]: lv for lv in need_intermediate}  # the layers where SIM's levels end
         for i, x in enumerate(module.layer_outputs(audio.unsqueeze(1))):
             if i in want:
                 out[want[i]] = x.transpose(1, 2)

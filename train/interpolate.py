@@ -76,9 +76,10 @@ def write_interpolation(encoder, decoder: Decoder, level: str, utt_a, utt_b, out
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.checkpoint import CheckpointError, load_encoder
+    from train.checkpoint import CheckpointError, load_encoder, trained_corpus
+    from train.cli import add_corpus_arg, add_device_arg, fail, int_at_least, select_device
+    from train.corpus import find_corpus, load_split
     from train.decoder import load_decoder
-    from train.eval_cli import add_corpus_arg, corpus_dir, fail, load_split, pick_device
 
     ap = argparse.ArgumentParser(prog="python -m train.interpolate", description=(
         "Decode linear interpolations between two words' latents; writes a PNG of waveforms and "
@@ -88,16 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     add_corpus_arg(ap)
     ap.add_argument("--words", default=None, help="two utterance ids, comma-separated (default: a bidi... "
                                                   "and a baga... word of the test split)")
-    ap.add_argument("--steps", type=int, default=6, help="number of alphas from 0 to 1 (default 6)")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int_at_least(2), default=6, help="number of alphas from 0 to 1 (default 6)")
+    add_device_arg(ap)
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
-    if args.steps < 2:
-        return fail("--steps must be at least 2")
     try:
         encoder, ckpt = load_encoder(args.checkpoint)
         decoder, meta = load_decoder(args.decoder)
-        corpus = corpus_dir(args.corpus, ckpt)
+        corpus = find_corpus(args.corpus, trained_corpus(ckpt))
         utts = load_split(corpus, "test") + load_split(corpus, "train")
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             a, b = pick_words(utts)
         except ValueError as exc:
             return fail(str(exc))
-    device = pick_device(args.device)
+    device = select_device(args.device)
     res = write_interpolation(encoder.to(device), decoder.to(device), meta["level"], a, b, args.out,
                               steps=args.steps, device=device)
     print(f"wrote {res['png']} and {len(res['wavs'])} WAVs ({a.word} -> {b.word})")

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from train.audio import CONV_LAYERS, END_TO_END_MODULES, GREEDY_MODULES
+from train import audio
+from train.audio import CONV_LAYERS
 
 METHODS = ("sim", "gim", "cpc")
 
@@ -37,16 +38,16 @@ class ModelDims:
 
     @property
     def greedy(self) -> bool:
-        return self.method != "cpc"
+        return self.method not in audio.END_TO_END_METHODS
 
     @property
     def modules(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
-        return GREEDY_MODULES if self.greedy else END_TO_END_MODULES
+        return audio.conv_modules(self.method)
 
     @property
     def levels(self) -> tuple[str, ...]:
         """Output levels in order, conv modules then the GRU."""
-        return tuple(name for name, _ in self.modules) + ("ar",)
+        return audio.levels(self.method)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +80,9 @@ class ConvModule(nn.Module):
             yield x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        for x in self.layer_outputs(x):
-            pass
+        """The last conv layer's activation."""
+        for h in self.layer_outputs(x):
+            x = h
         return x
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from train.audio import AR, LEVELS
 from train.features import Syllables, encode_levels, syllable_crops, syllable_length
 from train.model import Encoder, ModelDims
 
@@ -150,8 +151,8 @@ class ProbeData:
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def from_corpus(cls, corpus_dir, max_words: int | None = None) -> "ProbeData":
-        from train.eval_cli import load_split
+    def from_corpus(cls, corpus_dir, max_words: int | None = None) -> ProbeData:
+        from train.corpus import load_split
 
         utts = {s: load_split(corpus_dir, s) for s in ("train", "test", "test_voice")}
         if max_words:
@@ -335,35 +336,35 @@ def fmt(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.checkpoint import CheckpointError, load_encoder
-    from train.eval_cli import add_corpus_arg, corpus_dir, fail, pick_device
+    from train.checkpoint import CheckpointError, load_encoder, trained_corpus
+    from train.cli import add_corpus_arg, add_device_arg, fail, positive_int, select_device
+    from train.corpus import find_corpus
 
     ap = argparse.ArgumentParser(prog="python -m train.probe", description=(
         "Vowel (3-way) and syllable (9-way) linear probes on time-averaged frozen features of syllable crops. "
         "Probe train = corpus train split; scored on the word-disjoint test split and the held-out-voice split."))
     ap.add_argument("--checkpoint", required=True, help="encoder checkpoint written by python -m train.sim")
     add_corpus_arg(ap)
-    ap.add_argument("--seeds", type=int, default=3, help="probe seeds; mean ± std over them (default 3)")
-    ap.add_argument("--level", default="ar", choices=("ar", "m1", "m2", "m3"),
+    ap.add_argument("--seeds", type=positive_int, default=3, help="probe seeds; mean ± std over them (default 3)")
+    ap.add_argument("--level", default=AR, choices=LEVELS,
                     help="features: ar = GRU output (default), m1/m2/m3 = a conv module's mu")
     ap.add_argument("--no-bias", action="store_true", help="bias-free probe (the weight analysis uses this)")
-    ap.add_argument("--epochs", type=int, default=50, help="probe epochs (paper: 50)")
+    ap.add_argument("--epochs", type=positive_int, default=50, help="probe epochs (paper: 50)")
     ap.add_argument("--baselines", action="store_true",
                     help="also run the random-init and supervised baselines (same dims, same split)")
-    ap.add_argument("--supervised-epochs", type=int, default=10, help="epochs for the supervised baseline")
-    ap.add_argument("--max-words", type=int, default=None, help="use at most this many words per split (smoke runs)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    ap.add_argument("--supervised-epochs", type=positive_int, default=10, help="epochs for the supervised baseline")
+    ap.add_argument("--max-words", type=positive_int, default=None,
+                    help="use at most this many words per split (smoke runs)")
+    add_device_arg(ap)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    if args.seeds < 1 or args.epochs < 1 or args.supervised_epochs < 1:
-        return fail("--seeds, --epochs and --supervised-epochs must be positive")
     try:
         encoder, ckpt = load_encoder(args.checkpoint)
-        corpus = corpus_dir(args.corpus, ckpt)
+        corpus = find_corpus(args.corpus, trained_corpus(ckpt))
         data = ProbeData.from_corpus(corpus, args.max_words)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
-    device = pick_device(args.device)
+    device = select_device(args.device)
     encoder.to(device)
     seeds = tuple(range(args.seeds))
     result = {"checkpoint": str(args.checkpoint), "method": ckpt["dims"]["method"], "level": args.level,

@@ -22,8 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from train.decoder import DECODER_LEVELS, decoder_path, fit_and_save, load_decoder, reconstruction_error
-from train.decoder import write_reconstructions
+from train.audio import LEVELS
+from train.decoder import (
+    DECODER_LEVELS,
+    decoder_path,
+    fit_and_save,
+    load_decoder,
+    reconstruction_error,
+    write_reconstructions,
+)
 from train.probe import PAPER as PAPER_TABLE2
 from train.probe import fmt, spread
 
@@ -44,7 +51,7 @@ PAPER_CONCENTRATION_ACC = {  # bias-free vowel probe test accuracy %, paper §4.
     "gim": {"m1": 95.94, "m2": 92.81, "m3": 94.06},
     "sim": {"m1": 87.5, "m2": 93.44, "m3": 91.87},
 }
-TARGETS = {"vowel": 92.6, "syllable": 44.5}  # issue 3: SIM on our word-disjoint test split
+TARGETS = {"vowel": 92.6, "syllable": 44.5}  # the paper's SIM accuracies %, here on our word-disjoint test split
 
 
 def parse_runs(specs: list[str]) -> list[tuple[str, Path]]:
@@ -114,7 +121,7 @@ def evaluate_run(name: str, run_dir: Path, data, splits: dict, out: Path, args, 
                  "code_version": ckpt.get("code_version")}
     t0 = time.time()
     log(f"{name}: features of {sum(len(s.vowel) for s in data.splits.values())} syllable crops")
-    feats = features(encoder, data, ("m1", "m2", "m3", "ar"), device=device)
+    feats = features(encoder, data, LEVELS, device=device)
     log(f"{name}: probes on the GRU output ({len(seeds)} seeds, {args.probe_epochs} epochs)")
     res["probe"] = probe_features(feats, data, "ar", seeds=seeds, epochs=args.probe_epochs, device=device)
     log(f"{name}: bias-free vowel probes per module")
@@ -258,7 +265,7 @@ def write_index(out: Path, results: dict, command: str) -> Path:
                 L.append(f"| *paper {r['method']}* | " + " | ".join(f"*{v}*" for v in paper) + " |")
         L.append("")
 
-    L += ["## Targets (issue 3)", ""] + [f"- {t}" for t in results.get("targets", [])] + [""]
+    L += ["## Paper targets", ""] + [f"- {t}" for t in results.get("targets", [])] + [""]
 
     L += ["## Decoders", "", "Test relative MSE = MSE(decoded, original) / mean power of the original "
           "(0 = perfect, 1 = as bad as silence).", "",
@@ -302,7 +309,8 @@ def write_index(out: Path, results: dict, command: str) -> Path:
 
 
 def targets(results: dict) -> list[str]:
-    """Issue 3's targets, checked on whatever SIM and GIM runs are present."""
+    """The paper targets (its SIM accuracies; SIM at most half as entangled as GIM at k = 8), checked on
+    whatever SIM and GIM runs are present."""
     lines = []
     by_method = {}
     for r in results["runs"].values():
@@ -355,8 +363,9 @@ def _jsonable(obj):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.checkpoint import CheckpointError, load
-    from train.eval_cli import corpus_dir, fail, load_split, pick_device
+    from train.checkpoint import CheckpointError, load, trained_corpus
+    from train.cli import add_device_arg, fail, int_at_least, non_negative_int, positive_int, select_device
+    from train.corpus import find_corpus, load_split
     from train.model import ModelDims
     from train.probe import ProbeData, random_init_baseline, supervised_baseline
 
@@ -368,44 +377,39 @@ def main(argv: list[str] | None = None) -> int:
                     help="a run folder holding checkpoint.pt (and optionally decoders/); repeat per method")
     ap.add_argument("--out", required=True, help="report folder")
     ap.add_argument("--corpus", default=None, help="corpus folder (default: the first run's, else the embedded one)")
-    ap.add_argument("--seeds", type=int, default=3, help="probe seeds")
-    ap.add_argument("--probe-epochs", type=int, default=50, help="probe epochs (paper 50)")
-    ap.add_argument("--supervised-epochs", type=int, default=10, help="epochs of the supervised baseline")
+    ap.add_argument("--seeds", type=positive_int, default=3, help="probe seeds")
+    ap.add_argument("--probe-epochs", type=positive_int, default=50, help="probe epochs (paper 50)")
+    ap.add_argument("--supervised-epochs", type=positive_int, default=10, help="epochs of the supervised baseline")
     ap.add_argument("--no-baselines", action="store_true", help="skip the random-init and supervised baselines")
-    ap.add_argument("--decoder-epochs", type=int, default=200, help="epochs for decoders that must be trained")
+    ap.add_argument("--decoder-epochs", type=positive_int, default=200, help="epochs for decoders that must be trained")
     ap.add_argument("--decoder-loss", choices=("mse", "mse+logmel"), default="mse", help="decoder loss")
-    ap.add_argument("--decoder-words", type=int, default=None,
+    ap.add_argument("--decoder-words", type=positive_int, default=None,
                     help="train decoders on at most this many train-split words (default all)")
     ap.add_argument("--retrain-decoders", action="store_true", help="train decoders even if RUN/decoders has them")
-    ap.add_argument("--pairs", type=int, default=200, help="word pairs for the entanglement score")
+    ap.add_argument("--pairs", type=positive_int, default=200, help="word pairs for the entanglement score")
     ap.add_argument("--viz-level", choices=DECODER_LEVELS, default="m3", help="module for interpolation/traversal")
-    ap.add_argument("--interp-steps", type=int, default=6, help="interpolation steps from a = 0 to 1")
-    ap.add_argument("--traverse-dims", type=int, default=6, help="top-ranked dims shown in the traversal")
-    ap.add_argument("--traverse-steps", type=int, default=7, help="values per traversed dim")
-    ap.add_argument("--examples", type=int, default=3, help="test words reconstructed as WAV per module")
-    ap.add_argument("--recon-words", type=int, default=64, help="test words for the reconstruction error")
-    ap.add_argument("--max-words", type=int, default=None, help="at most this many words per split (smoke runs)")
-    ap.add_argument("--batch", type=int, default=64, help="decoder batch for entanglement")
-    ap.add_argument("--ood-words", type=int, default=150,
+    ap.add_argument("--interp-steps", type=int_at_least(2), default=6, help="interpolation steps from a = 0 to 1")
+    ap.add_argument("--traverse-dims", type=positive_int, default=6, help="top-ranked dims shown in the traversal")
+    ap.add_argument("--traverse-steps", type=int_at_least(2), default=7, help="values per traversed dim")
+    ap.add_argument("--examples", type=non_negative_int, default=3, help="test words reconstructed as WAV per module")
+    ap.add_argument("--recon-words", type=positive_int, default=64, help="test words for the reconstruction error")
+    ap.add_argument("--max-words", type=positive_int, default=None,
+                    help="at most this many words per split (smoke runs)")
+    ap.add_argument("--batch", type=positive_int, default=64, help="decoder batch for entanglement")
+    ap.add_argument("--ood-words", type=non_negative_int, default=150,
                     help="words per split for the out-of-distribution separation (0 = skip it)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_device_arg(ap)
     args = ap.parse_args(argv)
-    for flag in ("seeds", "probe_epochs", "supervised_epochs", "decoder_epochs", "pairs", "interp_steps",
-                 "traverse_dims", "traverse_steps", "recon_words", "batch"):
-        if getattr(args, flag) < 1:
-            return fail(f"--{flag.replace('_', '-')} must be positive")
-    if args.interp_steps < 2 or args.traverse_steps < 2:
-        return fail("--interp-steps and --traverse-steps must be at least 2")
     t0 = time.time()
     out = Path(args.out)
     try:
         runs = parse_runs(args.run)
         first = load(runs[0][1] / "checkpoint.pt")
-        corpus = corpus_dir(args.corpus, first)
+        corpus = find_corpus(args.corpus, trained_corpus(first))
         data = ProbeData.from_corpus(corpus, args.max_words)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return fail(str(exc))
-    device = pick_device(args.device)
+    device = select_device(args.device)
     out.mkdir(parents=True, exist_ok=True)
     cut = (lambda u: spread(u, args.max_words)) if args.max_words else (lambda u: u)
     train_utts = cut(load_split(corpus, "train"))

@@ -1,8 +1,9 @@
 """Train SIM (or its baselines GIM and CPC) greedily: `python -m train.sim`.
 
-With no flags it trains SIM on the embedded corpus (synthesised on first use) for a run that
-fits in about 15 minutes on a 2-core CPU. `--preset paper` follows the paper's schedule
-(Adam 2e-4, batch 8, 680,000 clips seen) and is meant for a GPU.
+With no flags it trains SIM on the embedded corpus (synthesised on first use) for one epoch, a
+run sized for a 2-core CPU (docs/benchmarks.md). `--preset paper` follows the paper's schedule
+(Adam 2e-4, batch 8, 680,000 clips seen) and is meant for a GPU. The flags and their defaults
+are train.config.TrainConfig's fields.
 
 Nothing is lost on a crash: a checkpoint is written atomically after every epoch, at the end,
 and on Ctrl-C (mid-epoch, with the position in the epoch); `--resume` continues exactly where
@@ -16,88 +17,105 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from train.audio import CROP_SAMPLES, HOP
+from train.audio import HOP, AudioError
 from train.checkpoint import FORMAT, CheckpointError, code_version, load, save_atomic
+from train.cli import device_name, fail, non_negative_int, positive_float, positive_int, select_device
+from train.config import CPU, PRESETS, TrainConfig
+from train.corpus import CorpusError
+from train.data import DataError
 from train.loss import SimLoss
 from train.model import METHODS, Encoder, ModelDims
 
-PAPER_CLIPS_SEEN = 1000 * 680  # the paper: 1000 epochs over 680 training clips
-PRESETS = {
-    # The paper's schedule: Adam 2e-4, batch 8, as many clips seen as its 1000 epochs x 680 clips.
-    "paper": {"batch_size": 8, "lr": 2e-4, "clips_seen": PAPER_CLIPS_SEEN},
-    # The default: about 15 minutes on a 2-core CPU (see docs/benchmarks.md for the rate it assumes).
-    "cpu": {"batch_size": 8, "lr": 2e-4, "clips_seen": 4_600},
-}
-DEFAULTS = {
-    "method": "sim", "beta": 0.0033, "epochs": None, "batch_size": None, "lr": None, "data": "corpus",
-    "corpus_dir": None, "out": None, "device": "auto", "seed": 0, "max_clips": None, "crop": CROP_SAMPLES,
-    "preset": "cpu", "channels": 512, "hidden": 256, "threads": None, "workers": 0,
-    "beta_warmup": 0, "batch_norm": False, "negatives": "sequence",
-}
+# Config keys that define what a run trains; a resumed run keeps its checkpoint's values for them.
+RUN_DEFINING = ("method", "beta", "seed", "data", "crop", "channels", "hidden", "max_clips", "preset",
+                "beta_warmup", "batch_norm", "negatives")
+INTERRUPTED = 130  # exit status after Ctrl-C or SIGTERM, as a shell reports SIGINT
 
 
-def parse_args(argv: list[str] | None = None) -> dict:
+def crop_samples(text: str) -> int:
+    """An argparse type: a clip length in samples, a whole number of hops and at least 8 of them."""
+    value = non_negative_int(text)
+    if value % HOP or value < 8 * HOP:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {HOP} and at least {8 * HOP} samples, got {value}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None (the flag's help says what happens then)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser(defaults: TrainConfig = CPU) -> argparse.ArgumentParser:
+    """The command line; every default is read from `defaults` (a preset)."""
+    d = defaults
     p = argparse.ArgumentParser(
         prog="python -m train.sim",
         description="Train Smooth InfoMax (SIM), or the GIM / CPC baselines, on the embedded speech corpus "
                     "or on your own audio. Checkpoints go to OUT/checkpoint.pt, TensorBoard logs to OUT/tb.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", choices=METHODS, default="sim",
+        formatter_class=HelpFormatter)
+    p.add_argument("--method", choices=METHODS, default=d.method,
                    help="sim: KL-regularised greedy modules; gim: greedy, no KL; cpc: one end-to-end module")
-    p.add_argument("--beta", type=float, default=0.0033,
+    p.add_argument("--beta", type=float, default=d.beta,
                    help="KL weight, with KL summed over time and channels / (batch * channels) (see train/loss.py)")
-    p.add_argument("--beta-warmup", type=int, default=0, metavar="STEPS",
+    p.add_argument("--beta-warmup", type=non_negative_int, default=d.beta_warmup, metavar="STEPS",
                    help="raise the KL weight linearly from 0 to --beta over the first STEPS optimiser steps "
                         "(0 = the full weight from the start, as in the paper)")
-    p.add_argument("--batch-norm", action="store_true",
+    p.add_argument("--batch-norm", action="store_true", default=d.batch_norm,
                    help="BatchNorm1d between each conv and its ReLU (the authors' code default); folded into "
                         "the convs at export")
-    p.add_argument("--negatives", choices=["sequence", "window"], default="sequence",
+    p.add_argument("--negatives", choices=["sequence", "window"], default=d.negatives,
                    help="where InfoNCE draws its negatives: every position of the batch's sequences (the "
                         "authors' way) or only the 128-frame window of the predictions")
-    p.add_argument("--channels", type=int, default=512, help="conv and latent width (the paper: 512)")
-    p.add_argument("--hidden", type=int, default=256, help="GRU width (the paper: 256)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="schedule: cpu = ~15 min on 2 cores; paper = Adam 2e-4, batch 8, 680,000 clips (GPU)")
-    p.add_argument("--epochs", type=int, help="epochs (default: from the preset's number of clips seen)")
-    p.add_argument("--batch-size", type=int, help="clips per step (default: from the preset)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default: from the preset)")
-    p.add_argument("--data", default="corpus",
+    p.add_argument("--channels", type=positive_int, default=d.channels, help="conv and latent width (the paper: 512)")
+    p.add_argument("--hidden", type=positive_int, default=d.hidden, help="GRU width (the paper: 256)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=d.preset,
+                   help="schedule: cpu = one epoch of the corpus, sized for 2 CPU cores; paper = Adam 2e-4, "
+                        "batch 8, 680,000 clips (GPU); the other flags' defaults are the preset's")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs,
+                   help=f"epochs (default: enough to see the preset's {d.clips_seen:,} clips)")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="clips per step")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--data", default=d.data,
                    help="'corpus' (embedded, synthesised on first use) or a folder of 16 kHz mono wav/flac "
                         "(searched recursively; the LibriSpeech layout works)")
-    p.add_argument("--corpus-dir", help="where the embedded corpus is cached (default: $SIM_CACHE_DIR or "
-                                        "~/.cache/sim-service)")
-    p.add_argument("--crop", type=int, default=CROP_SAMPLES, help="samples per training clip (multiple of 160)")
-    p.add_argument("--max-clips", type=int, help="use at most this many training clips (smoke runs)")
-    p.add_argument("--out", help="run folder (default: runs/<method>)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when present")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    a = p.parse_args(argv)
-    cfg = {k: getattr(a, k) for k in DEFAULTS}
-    cfg["resume"] = a.resume
-    if cfg["beta_warmup"] < 0:
-        p.error("--beta-warmup must be 0 or more steps")
-    if cfg["crop"] % HOP or cfg["crop"] < 8 * HOP:
-        p.error(f"--crop must be a multiple of {HOP} and at least {8 * HOP} samples")
-    for key in ("epochs", "batch_size", "max_clips", "lr", "channels", "hidden"):
-        if cfg[key] is not None and cfg[key] <= 0:
-            p.error(f"--{key.replace('_', '-')} must be positive")
-    return cfg
+    p.add_argument("--corpus-dir", default=d.corpus_dir,
+                   help="where the embedded corpus is cached (default: $SIM_CACHE_DIR or ~/.cache/sim-service)")
+    p.add_argument("--crop", type=crop_samples, default=d.crop,
+                   help=f"samples per training clip (a multiple of {HOP})")
+    p.add_argument("--max-clips", type=positive_int, default=d.max_clips,
+                   help="use at most this many training clips (smoke runs)")
+    p.add_argument("--out", default=d.out, help="run folder (default: runs/<method>)")
+    p.add_argument("--device", type=device_name, default=d.device,
+                   help="cpu, cuda (or cuda:N) or auto = cuda when present")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation, clip order and crops")
+    p.add_argument("--resume", action="store_true", default=d.resume, help="continue from OUT/checkpoint.pt")
+    p.add_argument("--threads", type=positive_int, default=d.threads,
+                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--workers", type=non_negative_int, default=d.workers, help="data-loader worker processes")
+    return p
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The configuration the command line asks for: the --preset's values, overridden by the flags given."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default=CPU.preset)
+    preset = PRESETS.get(first.parse_known_args(argv)[0].preset, CPU)  # an unknown name: the full parser says so
+    return replace(preset, **vars(build_parser(preset).parse_args(argv)))
+
+
+class UsageError(Exception):
+    """Training cannot start as asked; the message says why."""
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C or SIGTERM after saving its checkpoint."""
 
 
 class Subset(torch.utils.data.Dataset):
@@ -127,7 +145,7 @@ class StopFlag:
         self._previous = {}
 
     def __enter__(self):
-        def handler(signum, frame):
+        def handler(_signum, _frame):
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
@@ -142,34 +160,25 @@ class StopFlag:
             signal.signal(sig, previous)
 
 
-def build_datasets(cfg: dict):
+def build_datasets(cfg: TrainConfig):
     """(train, validation) datasets. Validation: the corpus test split, or a held-out tenth of a folder."""
     from train import data
 
-    if cfg["data"] == "corpus":
+    if cfg.data == "corpus":
         from train.corpus import ensure_corpus
 
-        corpus = ensure_corpus(cfg["corpus_dir"], seed=0)
-        cfg["corpus_dir"] = str(corpus)
-        train_ds = data.corpus_dataset(corpus, "train", crop=cfg["crop"])
-        val_ds = data.corpus_dataset(corpus, "test", crop=cfg["crop"])
+        corpus = ensure_corpus(cfg.corpus_dir, seed=0)
+        train_ds = data.corpus_dataset(corpus, "train", crop=cfg.crop)
+        val_ds = data.corpus_dataset(corpus, "test", crop=cfg.crop)
     else:
-        full = data.folder_dataset(cfg["data"], crop=cfg["crop"], seed=cfg["seed"])
+        full = data.folder_dataset(cfg.data, crop=cfg.crop, seed=cfg.seed)
         n_val = max(1, len(full) // 10) if len(full) > 1 else 0
         train_ds, val_ds = Subset(full, range(n_val, len(full))), (Subset(full, range(n_val)) if n_val else None)
-    if cfg["max_clips"]:
-        train_ds = Subset(train_ds, range(min(cfg["max_clips"], len(train_ds))))
+    if cfg.max_clips:
+        train_ds = Subset(train_ds, range(min(cfg.max_clips, len(train_ds))))
         if val_ds is not None:
-            val_ds = Subset(val_ds, range(min(max(cfg["max_clips"] // 4, 8), len(val_ds))))
+            val_ds = Subset(val_ds, range(min(max(cfg.max_clips // 4, 8), len(val_ds))))
     return train_ds, val_ds
-
-
-def resolve_schedule(cfg: dict, n_train: int) -> None:
-    preset = PRESETS[cfg["preset"]]
-    cfg["batch_size"] = cfg["batch_size"] or preset["batch_size"]
-    cfg["lr"] = cfg["lr"] or preset["lr"]
-    if cfg["epochs"] is None:
-        cfg["epochs"] = max(1, math.ceil(preset["clips_seen"] / max(1, n_train)))
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -202,8 +211,14 @@ def batches(dataset, order: torch.Tensor, batch_size: int, start: int, workers: 
             yield b, torch.stack([dataset[i] for i in idx_batches[b]])
 
 
+def progress_interval() -> float:
+    """Seconds between progress-bar refreshes: often on a terminal, rarely into a log file."""
+    return 0.5 if sys.stderr.isatty() else 30
+
+
 @torch.no_grad()
-def validate(encoder: Encoder, criterion: SimLoss, dataset, cfg: dict, device: torch.device) -> dict[str, float]:
+def validate(encoder: Encoder, criterion: SimLoss, dataset, cfg: TrainConfig, device: torch.device
+             ) -> dict[str, float]:
     """Mean losses on the validation set: eval mode, no gradients, every clip (no dropped batch), and a
     fixed RNG for the posterior samples and negatives so it neither varies nor disturbs training."""
     from tqdm import tqdm
@@ -212,10 +227,10 @@ def validate(encoder: Encoder, criterion: SimLoss, dataset, cfg: dict, device: t
     totals: dict[str, float] = {}
     n = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg["seed"] + 12345)
+        torch.manual_seed(cfg.seed + 12345)
         with tqdm(total=len(dataset), desc="validation", unit="clip", dynamic_ncols=True, leave=False,
-                  mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-            for _, clips in batches(dataset, torch.arange(len(dataset)), cfg["batch_size"], 0, 0):
+                  mininterval=progress_interval()) as bar:
+            for _, clips in batches(dataset, torch.arange(len(dataset)), cfg.batch_size, 0, 0):
                 clips = clips.to(device)
                 _, stats = criterion(encoder(clips, sample=True))
                 for k, v in stats.items():
@@ -241,128 +256,178 @@ def train_step(encoder: Encoder, criterion: SimLoss, optimizer: torch.optim.Opti
     return stats
 
 
-def make_checkpoint(encoder, criterion, optimizer, cfg, device, epoch, batch, step) -> dict:
-    return {"format": FORMAT, "dims": encoder.dims.to_dict(), "model": encoder.state_dict(),
-            "loss": criterion.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(device),
-            "epoch": epoch, "batch": batch, "step": step, "config": cfg, "code_version": code_version()}
+@dataclass
+class Run:
+    """A training run in progress: its configuration, model, optimiser, data, and position (the next
+    batch to train is batch `batch` of epoch `epoch`, after `step` optimiser steps)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    encoder: Encoder
+    criterion: SimLoss
+    optimizer: torch.optim.Optimizer
+    train_ds: torch.utils.data.Dataset
+    val_ds: torch.utils.data.Dataset | None
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.cfg.run_dir / "checkpoint.pt"
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(len(self.train_ds) / self.cfg.batch_size)
 
 
-def train(cfg: dict) -> Path:
-    """Run (or resume) training as configured; returns the checkpoint path."""
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    device = resolve_device(cfg["device"])
-    out = Path(cfg["out"] or f"runs/{cfg['method']}")
-    ckpt_path = out / "checkpoint.pt"
+def resume_config(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict | None]:
+    """With --resume: the checkpoint's configuration, with what a resumed run may change taken from `cfg`
+    (device, threads, workers and a longer --epochs), and the checkpoint itself. Without --resume: cfg
+    with its run folder filled in, and None."""
+    out = cfg.run_dir
+    if not cfg.resume:
+        return replace(cfg, out=str(out)), None
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    ckpt = load(path, map_location=device)
+    saved = TrainConfig.from_dict(ckpt["config"])
+    for key in RUN_DEFINING:
+        asked = getattr(cfg, key)
+        if asked != getattr(saved, key) and asked != getattr(CPU, key):
+            print(f"warning: --{key.replace('_', '-')} {asked} differs from the checkpoint's "
+                  f"{getattr(saved, key)}; using the checkpoint's", file=sys.stderr)
+    merged = replace(saved, resume=True, device=cfg.device, out=str(out), workers=cfg.workers, threads=cfg.threads,
+                     epochs=cfg.epochs or saved.epochs)  # the one thing a resume may change: train for longer
+    return merged, ckpt
 
-    resumed = None
-    if cfg["resume"]:
-        if not ckpt_path.exists():
-            raise SystemExit(f"error: --resume: no checkpoint at {ckpt_path}")
-        resumed = load(ckpt_path, map_location=device)
-        saved = {"negatives": "window", **resumed["config"]}  # runs from before the option drew from the window
-        for key in ("method", "beta", "seed", "data", "crop", "channels", "hidden", "max_clips", "preset",
-                    "beta_warmup", "batch_norm", "negatives"):
-            if saved.get(key) != cfg.get(key) and cfg.get(key) != DEFAULTS.get(key):
-                print(f"warning: --{key.replace('_', '-')} {cfg[key]} differs from the checkpoint's "
-                      f"{saved.get(key)}; using the checkpoint's", file=sys.stderr)
-        epochs = cfg["epochs"]
-        cfg = {**DEFAULTS, **saved, "resume": True, "device": cfg["device"], "out": str(out), "workers": cfg["workers"],
-               "threads": cfg["threads"]}
-        if epochs:  # the one thing a resume may change: train for longer
-            cfg["epochs"] = epochs
 
-    torch.manual_seed(cfg["seed"])
+def build_run(cfg: TrainConfig, device: torch.device, resumed: dict | None) -> Run:
+    """Data, model, loss and optimiser as configured, restored to the checkpoint's state when resuming.
+    The returned run's config names the corpus it trains on and its number of epochs."""
+    torch.manual_seed(cfg.seed)
+    if cfg.data == "corpus":
+        from train.corpus import ensure_corpus
+
+        cfg = replace(cfg, corpus_dir=str(ensure_corpus(cfg.corpus_dir, seed=0)))
     train_ds, val_ds = build_datasets(cfg)
-    if not resumed:
-        resolve_schedule(cfg, len(train_ds))
-    cfg["out"] = str(out)
-    dims = ModelDims(cfg["method"], cfg["channels"], cfg["hidden"], cfg["batch_norm"])
+    cfg = replace(cfg, epochs=cfg.epochs_for(len(train_ds)))
+    dims = ModelDims(cfg.method, cfg.channels, cfg.hidden, cfg.batch_norm)
     encoder = Encoder(dims).to(device)
-    criterion = SimLoss(dims, beta=cfg["beta"], negatives_from=cfg["negatives"]).to(device)
-    params = list(encoder.parameters()) + list(criterion.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg["lr"])
-    start_epoch, start_batch, step = 0, 0, 0
+    criterion = SimLoss(dims, beta=cfg.beta, negatives_from=cfg.negatives).to(device)
+    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(criterion.parameters()), lr=cfg.lr)
+    run = Run(cfg, device, encoder, criterion, optimizer, train_ds, val_ds)
     if resumed:
         encoder.load_state_dict(resumed["model"])
         criterion.load_state_dict(resumed["loss"])
         optimizer.load_state_dict(resumed["optimizer"])
         set_rng_state(resumed["rng"], device)
-        start_epoch, start_batch, step = resumed["epoch"], resumed.get("batch", 0), resumed["step"]
-        if start_epoch >= cfg["epochs"]:
-            print(f"{ckpt_path}: already trained for {start_epoch} epochs (asked: {cfg['epochs']}); nothing to do")
-            return ckpt_path
+        run.epoch, run.batch, run.step = resumed["epoch"], resumed.get("batch", 0), resumed["step"]
+    return run
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    from torch.utils.tensorboard import SummaryWriter
+
+def run_epoch(run: Run, writer, stop: StopFlag) -> bool:
+    """Train the rest of the current epoch from run.batch on, or until a stop is requested; returns
+    whether the epoch's last batch was trained. The run's position follows every batch."""
     from tqdm import tqdm
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=step or None)
-    n_batches = math.ceil(len(train_ds) / cfg["batch_size"])
-    print(f"training {dims.method.upper()} on {device}: {len(train_ds)} clips x {cfg['epochs']} epochs, "
-          f"batch {cfg['batch_size']}, lr {cfg['lr']}, beta {cfg['beta']}; run folder {out}")
-    encoder.train()
-    with StopFlag() as stop:
-        for epoch in range(start_epoch, cfg["epochs"]):
-            train_ds.set_epoch(epoch)
-            order = epoch_order(cfg["seed"], epoch, len(train_ds))
-            bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                       unit="batch", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
-            t0, seen = time.perf_counter(), 0
-            for b, clips in batches(train_ds, order, cfg["batch_size"], start_batch, cfg["workers"]):
-                clips = clips.to(device, non_blocking=True)
-                criterion.beta = beta_at(step, cfg["beta"], cfg["beta_warmup"])
-                stats = train_step(encoder, criterion, optimizer, clips)
-                step += 1
-                seen += len(clips)
-                rate = seen / (time.perf_counter() - t0)
-                stats = {k: float(v) for k, v in stats.items()}
-                for k, v in stats.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-                writer.add_scalar("train/clips_per_s", rate, step)
-                writer.add_scalar("train/beta", criterion.beta, step)
-                writer.add_scalar("train/clips_seen", step * cfg["batch_size"], step)
-                bar.set_postfix({**{k: f"{v:.3g}" for k, v in stats.items() if k.startswith(("nce", "acc"))},
-                                 "clips/s": f"{rate:.1f}"}, refresh=False)
-                bar.update(1)
-                if stop.requested and b + 1 < n_batches:
-                    bar.close()
-                    save_atomic(make_checkpoint(encoder, criterion, optimizer, cfg, device, epoch, b + 1, step),
-                                ckpt_path)
-                    writer.close()
-                    print(f"interrupted: saved {ckpt_path} at epoch {epoch + 1}, batch {b + 1}/{n_batches}; "
-                          f"continue with: python -m train.sim --resume --out {out}", file=sys.stderr)
-                    raise SystemExit(130)
-            bar.close()
-            start_batch = 0
-            if val_ds is not None:
-                val = validate(encoder, criterion, val_ds, cfg, device)
-                for k, v in val.items():
-                    writer.add_scalar(f"val/{k}", v, step)
-                print(f"epoch {epoch + 1}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
-            save_atomic(make_checkpoint(encoder, criterion, optimizer, cfg, device, epoch + 1, 0, step), ckpt_path)
-            if stop.requested:
-                writer.close()
-                print(f"interrupted: saved {ckpt_path} after epoch {epoch + 1}; continue with: "
-                      f"python -m train.sim --resume --out {out}", file=sys.stderr)
-                raise SystemExit(130)
-    writer.close()
-    print(f"done: {ckpt_path}")
-    return ckpt_path
+    cfg = run.cfg
+    run.train_ds.set_epoch(run.epoch)
+    order = epoch_order(cfg.seed, run.epoch, len(run.train_ds))
+    t0, seen = time.perf_counter(), 0
+    with tqdm(total=run.n_batches, initial=run.batch, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="batch",
+              dynamic_ncols=True, mininterval=progress_interval()) as bar:
+        for b, clips in batches(run.train_ds, order, cfg.batch_size, run.batch, cfg.workers):
+            clips = clips.to(run.device, non_blocking=True)
+            run.criterion.beta = beta_at(run.step, cfg.beta, cfg.beta_warmup)
+            stats = train_step(run.encoder, run.criterion, run.optimizer, clips)
+            run.batch, run.step = b + 1, run.step + 1
+            seen += len(clips)
+            rate = seen / (time.perf_counter() - t0)
+            stats = {k: float(v) for k, v in stats.items()}
+            for k, v in stats.items():
+                writer.add_scalar(f"train/{k}", v, run.step)
+            writer.add_scalar("train/clips_per_s", rate, run.step)
+            writer.add_scalar("train/beta", run.criterion.beta, run.step)
+            writer.add_scalar("train/clips_seen", run.step * cfg.batch_size, run.step)
+            bar.set_postfix({**{k: f"{v:.3g}" for k, v in stats.items() if k.startswith(("nce", "acc"))},
+                             "clips/s": f"{rate:.1f}"}, refresh=False)
+            bar.update(1)
+            if stop.requested and run.batch < run.n_batches:
+                return False
+    return True
 
 
-def main(argv: list[str] | None = None) -> None:
+def end_epoch(run: Run, writer) -> None:
+    """Validate the epoch just trained (when there is validation data) and move to the next epoch."""
+    if run.val_ds is not None:
+        val = validate(run.encoder, run.criterion, run.val_ds, run.cfg, run.device)
+        for k, v in val.items():
+            writer.add_scalar(f"val/{k}", v, run.step)
+        print(f"epoch {run.epoch + 1}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+    run.epoch, run.batch = run.epoch + 1, 0
+
+
+def save(run: Run) -> Path:
+    """Write the run's checkpoint (atomically) at its current position."""
+    ckpt = {"format": FORMAT, "dims": run.encoder.dims.to_dict(), "model": run.encoder.state_dict(),
+            "loss": run.criterion.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "rng": rng_state(run.device), "epoch": run.epoch, "batch": run.batch, "step": run.step,
+            "config": run.cfg.to_dict(), "code_version": code_version()}
+    save_atomic(ckpt, run.checkpoint_path)
+    return run.checkpoint_path
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training as configured; returns the checkpoint path. On Ctrl-C or SIGTERM it
+    saves the checkpoint at the batch reached and raises Interrupted."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = select_device(cfg.device)
+    cfg, resumed = resume_config(cfg, device)
+    run = build_run(cfg, device, resumed)
+    cfg, out = run.cfg, run.cfg.run_dir
+    if run.epoch >= cfg.epochs:
+        print(f"{run.checkpoint_path}: already trained for {run.epoch} epochs (asked: {cfg.epochs}); nothing to do")
+        return run.checkpoint_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=run.step or None)
+    print(f"training {cfg.method.upper()} on {device}: {len(run.train_ds)} clips x {cfg.epochs} epochs, "
+          f"batch {cfg.batch_size}, lr {cfg.lr}, beta {cfg.beta}; run folder {out}")
+    run.encoder.train()
+    try:
+        with StopFlag() as stop:
+            while run.epoch < cfg.epochs and not stop.requested:
+                if run_epoch(run, writer, stop):
+                    end_epoch(run, writer)
+                save(run)
+    finally:
+        writer.close()
+    if stop.requested:
+        where = (f"after epoch {run.epoch}" if run.batch == 0 else
+                 f"at epoch {run.epoch + 1}, batch {run.batch}/{run.n_batches}")
+        raise Interrupted(f"interrupted: saved {run.checkpoint_path} {where}; continue with: "
+                          f"python -m train.sim --resume --out {out}")
+    print(f"done: {run.checkpoint_path}")
+    return run.checkpoint_path
+
+
+def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except CheckpointError as exc:
-        raise SystemExit(f"error: {exc}")
-    except ValueError as exc:  # DataError and AudioError are ValueErrors with a specific message
-        if type(exc).__name__ in ("DataError", "AudioError"):
-            raise SystemExit(f"error: {exc}")
-        raise
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return INTERRUPTED
+    except (UsageError, CheckpointError, CorpusError, DataError, AudioError) as exc:
+        return fail(str(exc))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -108,9 +108,19 @@ def write_traversal(encoder, decoder: Decoder, level: str, reference, utterances
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.checkpoint import CheckpointError, load_encoder
+    from train.checkpoint import CheckpointError, load_encoder, trained_corpus
+    from train.cli import (
+        add_corpus_arg,
+        add_device_arg,
+        fail,
+        int_at_least,
+        non_negative_int_list,
+        positive_float,
+        positive_int,
+        select_device,
+    )
+    from train.corpus import find_corpus, load_split
     from train.decoder import load_decoder
-    from train.eval_cli import add_corpus_arg, corpus_dir, fail, load_split, pick_device
 
     ap = argparse.ArgumentParser(prog="python -m train.traverse", description=(
         "Sweep chosen latent dims over [-span, span] with the other dims held, decode, and write a "
@@ -119,19 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decoder", required=True, help="decoder_<level>.pt written by python -m train.decoder")
     add_corpus_arg(ap)
     ap.add_argument("--word", default=None, help="utterance id of the reference word (default: the first test word)")
-    ap.add_argument("--dims", default=None, help="comma-separated dims to sweep (default: the --top ranked)")
-    ap.add_argument("--top", type=int, default=6, help="how many top-ranked dims to sweep (default 6)")
-    ap.add_argument("--steps", type=int, default=7, help="values per dim (default 7)")
-    ap.add_argument("--span", type=float, default=3.0, help="sweep from -span to +span (default 3)")
+    ap.add_argument("--dims", type=non_negative_int_list, default=None,
+                    help="comma-separated dims to sweep (default: the --top ranked)")
+    ap.add_argument("--top", type=positive_int, default=6, help="how many top-ranked dims to sweep (default 6)")
+    ap.add_argument("--steps", type=int_at_least(2), default=7, help="values per dim (default 7)")
+    ap.add_argument("--span", type=positive_float, default=3.0, help="sweep from -span to +span (default 3)")
     ap.add_argument("--units", choices=("std", "absolute"), default="std",
                     help="std: value = dim mean + v * dim std over the test words (default); absolute: value = v")
-    ap.add_argument("--device", default="auto")
+    add_device_arg(ap)
     ap.add_argument("--out", required=True, help="output folder")
     args = ap.parse_args(argv)
     try:
         encoder, ckpt = load_encoder(args.checkpoint)
         decoder, meta = load_decoder(args.decoder)
-        corpus = corpus_dir(args.corpus, ckpt)
+        corpus = find_corpus(args.corpus, trained_corpus(ckpt))
         test = load_split(corpus, "test")
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
@@ -142,18 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         ref = next((u for u in test + load_split(corpus, "train") if u.id == args.word), None)
         if ref is None:
             return fail(f"--word {args.word}: no such utterance id in the corpus")
-    dims = None
-    if args.dims:
-        try:
-            dims = [int(d) for d in args.dims.split(",")]
-        except ValueError:
-            return fail("--dims must be comma-separated integers")
-        bad = [d for d in dims if not 0 <= d < meta["arch"]["in_channels"]]
+    dims = args.dims
+    if dims:
+        bad = [d for d in dims if d >= meta["arch"]["in_channels"]]
         if bad:
             return fail(f"--dims out of range 0..{meta['arch']['in_channels'] - 1}: {bad}")
-    if args.top < 1 or args.steps < 2 or args.span <= 0:
-        return fail("--top must be >= 1, --steps >= 2, --span > 0")
-    device = pick_device(args.device)
+    device = select_device(args.device)
     res = write_traversal(encoder.to(device), decoder.to(device), meta["level"], ref, test, args.out, dims=dims,
                           top=args.top, steps=args.steps, span=args.span, units=args.units, device=device)
     order = res["ranking"][:10]
