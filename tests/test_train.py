@@ -25,7 +25,8 @@ def tiny_args(corpus, out, *extra):
 
 
 def test_short_training_run_lowers_the_loss(small_corpus, tmp_path):
-    cfg = parse_args(tiny_args(small_corpus, tmp_path / "run", "--method", "gim", "--epochs", "10", "--lr", "3e-3"))
+    cfg = parse_args(tiny_args(small_corpus, tmp_path / "run", "--method", "gim", "--epochs", "10", "--lr", "3e-3",
+                               "--no-batch-norm"))
     ckpt = train(cfg)
     trained, saved = load_encoder(ckpt)
     assert saved["epoch"] == 10 and saved["step"] == 10 * 4
@@ -33,7 +34,7 @@ def test_short_training_run_lowers_the_loss(small_corpus, tmp_path):
     torch.manual_seed(cfg.seed)
     from train.model import Encoder, ModelDims
 
-    start = Encoder(ModelDims("gim", 32, 16))
+    start = Encoder(ModelDims(**saved["dims"]))
     cfg = TrainConfig.from_dict(saved["config"])
     train_ds, _ = build_datasets(cfg)
     crit = SimLoss(start.dims)
@@ -42,6 +43,11 @@ def test_short_training_run_lowers_the_loss(small_corpus, tmp_path):
     after = validate(trained, crit, train_ds, cfg, torch.device("cpu"))["loss"]
     assert after < before - 0.1, (before, after)  # same RNG draws: the drop is the weights
     assert (tmp_path / "run" / "config.json").exists() and any((tmp_path / "run" / "tb").iterdir())
+
+
+def test_batch_norm_is_on_by_default_and_can_be_turned_off(small_corpus, tmp_path):
+    assert parse_args(tiny_args(small_corpus, tmp_path)).batch_norm is True
+    assert parse_args(tiny_args(small_corpus, tmp_path, "--no-batch-norm")).batch_norm is False
 
 
 def test_beta_warmup_is_linear_then_constant():
@@ -89,7 +95,7 @@ def test_a_config_saved_before_the_newer_keys_reads_as_it_trained():
 
 
 def test_an_old_checkpoint_resumes_exactly(small_corpus, tmp_path):
-    window = ("--negatives", "window")
+    window = ("--negatives", "window", "--no-batch-norm")  # what a run from before these keys trained with
     full = train(parse_args(tiny_args(small_corpus, tmp_path / "a", "--epochs", "2", *window)))
     first = train(parse_args(tiny_args(small_corpus, tmp_path / "b", "--epochs", "1", *window)))
     ckpt = torch.load(first, weights_only=True)  # as a run from before the newer keys wrote it

@@ -21,7 +21,7 @@ class TrainConfig:
     method: str = "sim"  # sim, gim or cpc (train.model.METHODS)
     beta: float = 0.0033  # KL weight in the authors' normalisation (train/loss.py); the paper's value
     beta_warmup: int = 0  # optimiser steps over which the KL weight rises linearly from 0 to beta
-    batch_norm: bool = False  # BatchNorm1d between each conv and its ReLU
+    batch_norm: bool = True  # BatchNorm1d between each conv and its ReLU (SIM learns early with it)
     negatives: str = "sequence"  # InfoNCE negatives from the batch's whole sequences, or the "window"
     channels: int = 512  # conv and latent width (the paper's)
     hidden: int = 256  # GRU width (the paper's)
@@ -62,7 +62,8 @@ class TrainConfig:
         the clips seen of its preset."""
         names = {f.name for f in fields(cls)}
         base = PRESETS.get(saved.get("preset"), CPU)
-        return replace(base, **{"negatives": "window", **{k: v for k, v in saved.items() if k in names}})
+        before = {"negatives": "window", "batch_norm": False, "beta_warmup": 0}  # behaviour before the keys existed
+        return replace(base, **{**before, **{k: v for k, v in saved.items() if k in names}})
 
 
 # The default: one epoch of the embedded corpus, sized for a 2-core CPU (docs/benchmarks.md: how long it takes).

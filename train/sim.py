@@ -67,9 +67,10 @@ def build_parser(defaults: TrainConfig = CPU) -> argparse.ArgumentParser:
     p.add_argument("--beta-warmup", type=non_negative_int, default=d.beta_warmup, metavar="STEPS",
                    help="raise the KL weight linearly from 0 to --beta over the first STEPS optimiser steps "
                         "(0 = the full weight from the start, as in the paper)")
-    p.add_argument("--batch-norm", action="store_true", default=d.batch_norm,
-                   help="BatchNorm1d between each conv and its ReLU (the authors' code default); folded into "
-                        "the convs at export")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=d.batch_norm,
+                   help="BatchNorm1d between each conv and its ReLU (the authors' code default; without it SIM's "
+                        "modules stay near chance for hundreds of steps, docs/results.md); folded into the convs "
+                        "at export")
     p.add_argument("--negatives", choices=["sequence", "window"], default=d.negatives,
                    help="where InfoNCE draws its negatives: every position of the batch's sequences (the "
                         "authors' way) or only the 128-frame window of the predictions")
