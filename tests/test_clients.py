@@ -14,7 +14,7 @@ import soundfile as sf
 from clients.encoding import flagged_stretches
 from clients.monitor import DirectoryWatcher, RollingRate
 from clients.view import level_meter, ood_timeline, sparkline
-from serve_support import PY, ROOT, ServerProcess, metric_value, offline, wait_for
+from support.serving import PY, ROOT, ServerProcess, metric_value, offline, wait_for
 from train.corpus import load_corpus
 
 

@@ -16,8 +16,7 @@ from export.onnx import main
 from export.runtime import StreamingModel, make_session
 from export.verify import (CHUNK_PLANS, Report, VerificationError, audio_cases, verify_offline_graphs,
                            verify_streaming)
-from test_export_support import (exported, one_torch_thread, small_encoder, write_checkpoint,  # noqa: F401
-                                 write_decoders)
+from support.exports import one_torch_thread, small_encoder, write_checkpoint, write_decoders
 from train.checkpoint import load_encoder
 from train.decoder import load_decoder
 

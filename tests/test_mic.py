@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from clients.encoding import FrameCollector, file_requests
-from serve_support import PY, ROOT, ServerProcess, model_dir
+from support.serving import PY, ROOT, ServerProcess, model_dir
 from train.audio import SAMPLE_RATE, level_hops
 from train.corpus import load_corpus
 

@@ -9,7 +9,7 @@ from export.manifest import load_manifest
 from export.manifest import MANIFEST
 from export.quantize import STEP_FP32
 from export.runtime import StreamingModel, encode_streaming, encode_streams
-from test_export_support import one_torch_thread, write_checkpoint
+from support.exports import one_torch_thread, write_checkpoint
 from train.audio import load_audio
 from train.corpus import load_corpus
 
@@ -87,7 +87,7 @@ def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, t
     from clients.encoding import FrameCollector, file_requests
     from protos.sim.v1 import sim_pb2 as pb
     from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-    from serve_support import ServerProcess
+    from support.serving import ServerProcess
 
     audio = load_audio(load_corpus(small_corpus, "test")[0].path)
     srv = ServerProcess(int8_model, log_dir=tmp_path).start()

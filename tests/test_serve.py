@@ -17,7 +17,7 @@ from clients.connection import Connection
 from clients.encoding import FrameCollector, audio_request, config_request, file_requests
 from protos.sim.v1 import sim_pb2 as pb
 from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-from serve_support import ServerProcess, offline, wait_for
+from support.serving import ServerProcess, offline, wait_for
 from train.audio import level_frames
 from train.corpus import load_corpus
 
@@ -252,7 +252,7 @@ def test_health_reflection_and_metrics(server, conn, speech):
     for name in ("sim_frame_latency_seconds_bucket", "sim_batch_size_bucket", "sim_active_streams",
                  "sim_ood_score_bucket", "sim_flagged_frames_total", "sim_streams_total", "sim_audio_seconds_total"):
         assert name in text, name
-    from serve_support import metric_value
+    from support.serving import metric_value
 
     assert metric_value(text, "sim_frames_total", level="m3") == frames_before + got["m3"].shape[0]
     assert metric_value(text, "sim_streams_total", outcome="ok") == ok_before + 1

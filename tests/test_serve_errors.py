@@ -13,7 +13,7 @@ import soundfile as sf
 from clients.encoding import FrameCollector, audio_request, config_request, file_requests
 from protos.sim.v1 import sim_pb2 as pb
 from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-from serve_support import ServerProcess, wait_for
+from support.serving import ServerProcess, wait_for
 from train.corpus import load_corpus
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients.encoding import FrameCollector, audio_request, config_request, file_requests
 from protos.sim.v1 import sim_pb2 as pb
 from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-from serve_support import PY, ROOT, ServerProcess, offline, self_signed_cert, wait_for
+from support.serving import PY, ROOT, ServerProcess, offline, self_signed_cert, wait_for
 from train.corpus import load_corpus
 
 
@@ -180,7 +180,7 @@ def test_workers_share_one_port_and_drain_together(model, speech, tmp_path):
     """--workers 2: two server processes on one port (SO_REUSEPORT); streams on separate connections
     each equal the offline encoding wherever they land; every stream is counted by some worker;
     SIGTERM stops both and the supervisor exits 0."""
-    from serve_support import metric_value
+    from support.serving import metric_value
 
     srv = ServerProcess(model[0], "--workers", "2", log_dir=tmp_path).start()
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 from importlib.metadata import version
 
-from serve_support import PY, ROOT
+from support.serving import PY, ROOT
 
 
 def test_regenerating_the_protos_gives_the_checked_in_files():

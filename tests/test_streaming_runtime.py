@@ -10,7 +10,7 @@ import pytest
 from export.offline import offline_levels
 from export.runtime import StreamingModel, bucket, encode_streaming, encode_streams, providers
 from export.verify import random_mix_plans
-from test_export_support import exported, one_torch_thread  # noqa: F401
+from support.exports import one_torch_thread
 from train.audio import load_audio, level_frames
 from train.checkpoint import load_encoder
 from train.corpus import load_corpus

@@ -1,4 +1,4 @@
-"""Helpers shared by the service tests (test_serve*.py, test_clients*.py, test_mic*.py).
+"""Helpers for the service tests (test_serve*.py, test_clients.py, test_mic.py, test_quantize.py).
 
 A small random SIM encoder (channels 32, GRU 16) with an m3 decoder, exported once per pytest
 session into the session's base temp folder, and the real server (`python -m serve`) as a
@@ -21,7 +21,7 @@ import numpy as np
 
 from serve import announce
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 _build_lock = threading.Lock()
 

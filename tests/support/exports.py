@@ -1,15 +1,14 @@
-"""Shared helpers for the export and streaming-runtime tests (no tests here).
+"""Helpers for the export and streaming-runtime tests: small random models and their exports.
 
-exported(method, decoders=False) runs the real CLI `python -m export.onnx` (in process) on a small
-randomly initialised model (ModelDims(channels=32, hidden=16)) with the small real corpus, once per
-test session and (method, decoders).
+export_small(method, root, corpus, decoders) runs the real CLI `python -m export.onnx` (in process) on
+a small randomly initialised model (ModelDims(channels=32, hidden=16)) with the small real corpus,
+once per test session and (method, decoders); conftest's `exported` fixture calls it.
 """
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
-import pytest
 import torch
 
 from train.checkpoint import encoder_checkpoint, save_atomic
@@ -69,8 +68,3 @@ def export_small(method: str, root: Path, corpus: Path, decoders: bool = False) 
         _EXPORTS[key] = out
     return _EXPORTS[key]
 
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory, small_corpus):
-    root = tmp_path_factory.mktemp("exports")
-    return lambda method, decoders=False: export_small(method, root, small_corpus, decoders)
