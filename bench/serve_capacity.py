@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export.manifest import step_precision  # noqa: E402
+from serve.model_dir import step_precision  # noqa: E402
 from protos.sim.v1 import sim_pb2 as pb  # noqa: E402
 from protos.sim.v1 import sim_pb2_grpc as pb_grpc  # noqa: E402
 from serve import announce  # noqa: E402

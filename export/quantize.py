@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from export import calibration
-from export.runtime import StreamingModel, encode_streams
+from export.streams import StepGraphs, encode_streams
+from serve.runtime import StreamingModel
 
 STEP, STEP_FP32 = "step.onnx", "step.fp32.onnx"
 MAX_REL_RMS = 0.05  # int8 latents further than this from fp32 (relative RMS, any level) fail the export
@@ -79,7 +80,7 @@ def conv_inputs(encoder) -> set[int]:
     return {c.weight.shape[1] * c.weight.shape[2] for c in convs[1:]}
 
 
-def step_feeds(model: StreamingModel, audios: list[np.ndarray], max_feeds: int, seed: int) -> list[dict]:
+def step_feeds(model: StepGraphs, audios: list[np.ndarray], max_feeds: int, seed: int) -> list[dict]:
     """Inputs of the fp32 step graph while it streams the clips (batch of one), at most max_feeds of them."""
     feeds = []
     for audio in audios:
@@ -111,7 +112,7 @@ def quantize_step(model_dir: Path, audios: list[np.ndarray], nodes: list[str], r
     shutil.copyfile(int8_path, fp32_path)
     if not nodes:
         raise RuntimeError(f"{fp32_path}: found no conv Gemm nodes to quantize")
-    feeds = step_feeds(StreamingModel(model_dir, verify=False), audios, max_feeds, seed)
+    feeds = step_feeds(StepGraphs(model_dir), audios, max_feeds, seed)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return supervise(list(sys.argv[1:] if argv is None else argv), args.workers, args.host, args.port,
                          args.metrics_port)
 
-    from export.manifest import ManifestError
+    from serve.model_dir import ManifestError
     from serve.auth import TokenError, read_token
     from serve.server import Server, ServerOptions
 

@@ -2,41 +2,34 @@
 
 A decoder graph takes latents (batch, frames, channels), channels last like everything the
 service returns, and gives audio (batch, samples) (train.decoder.Decoder exported to ONNX by
-`python -m export.onnx ... --decoders DIR`). Only decoders listed in the manifest are served.
-Sessions are opened on first use (after re-checking the file's sha256) and kept.
+`python -m export.onnx ... --decoders DIR`). The levels that can be decoded are those whose
+decoder the manifest lists. Sessions are opened on first use (after re-checking the file's
+sha256) and kept.
 """
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
 
-from export.manifest import sha256_file
 from serve.errors import StreamError
-
-DECODABLE = ("m1", "m2", "m3")  # the GRU's context has no decoder (train.decoder.DECODER_LEVELS)
-
-
-def decoder_file(model_dir: str | Path, level: str) -> Path:
-    return Path(model_dir) / f"decoder_{level}.onnx"
+from serve.model_dir import ModelInfo, sha256_file
 
 
 class DecoderBank:
-    def __init__(self, model_dir: str | Path, manifest: dict, level_dims: dict[str, int], providers: list[str],
-                 max_frames: int = 6000):
-        self.model_dir = Path(model_dir)
-        self.files = {name: entry for name, entry in manifest.get("files", {}).items()
-                      if entry.get("role") == "decoder"}
-        self.level_dims = dict(level_dims)
+    def __init__(self, model: ModelInfo, providers: list[str], max_frames: int = 6000):
+        self.model_dir = model.dir
+        self.files = dict(model.decoder_files)  # level -> file name
+        self.hashes = {name: model.manifest["files"][name].get("sha256") for name in self.files.values()}
+        self.level_dims = {lv: dim for lv, dim in model.level_dims.items()}
         self.providers = list(providers)
         self.max_frames = max_frames
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
 
     def available(self, level: str) -> bool:
-        return level in DECODABLE and level in self.level_dims and decoder_file(self.model_dir, level).name in self.files
+        return level in self.files and level in self.level_dims
 
     def _session(self, level: str):
         with self._lock:
@@ -44,8 +37,8 @@ class DecoderBank:
                 return self._sessions[level]
             import onnxruntime as ort
 
-            path = decoder_file(self.model_dir, level)
-            expected = self.files[path.name].get("sha256")
+            path = self.model_dir / self.files[level]
+            expected = self.hashes[path.name]
             try:
                 digest = sha256_file(path)
             except OSError as exc:
@@ -78,13 +71,11 @@ class DecoderBank:
         if level not in self.level_dims:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"unknown level {level!r}; the model has {', '.join(self.level_dims)}")
-        if level not in DECODABLE:
-            raise StreamError(grpc.StatusCode.NOT_FOUND,
-                              f"level {level!r} has no decoder; decodable levels are {', '.join(DECODABLE)}")
         if not self.available(level):
+            have = ", ".join(lv for lv in self.level_dims if lv in self.files) or "none"
             raise StreamError(grpc.StatusCode.NOT_FOUND,
-                              f"the served model has no decoder for level {level!r} (export one with "
-                              "`python -m export.onnx CHECKPOINT --decoders DIR`)")
+                              f"the served model has no decoder for level {level!r} (levels with one: {have}; "
+                              "`python -m export.onnx CHECKPOINT --decoders DIR` exports the conv levels' decoders)")
         dim = self.level_dims[level]
         if num_frames < 1:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, f"num_frames must be at least 1, got {num_frames}")

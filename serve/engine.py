@@ -99,7 +99,7 @@ class Engine:
 
     def __init__(self, model, max_hops_per_tick: int = 8):
         self.model = model
-        self.builder = FrameBuilder(model.manifest, model.level_hops)
+        self.builder = FrameBuilder(model.manifest, model.level_hops, model.sample_rate)
         self.max_hops = max_hops_per_tick
         self.streams: dict[int, _Stream] = {}
 
@@ -228,7 +228,7 @@ def _engine_process(conn, model_dir: str, threads: int | None, spin: bool, max_h
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        from export.runtime import StreamingModel
+        from serve.runtime import StreamingModel
 
         engine = Engine(StreamingModel(model_dir, verify=False, intra_op_threads=threads, spin=spin), max_hops)
     except Exception as exc:

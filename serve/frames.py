@@ -1,71 +1,36 @@
 """Popped runtime frames -> StreamEncodeResponse bytes, with each level's calibrated score, p-value and flag.
 
 The runtime gives, per level, arrays for the frames that just completed:
-{"index" (n,), "mu" (n, C), "logvar" (n, C) and "kl" (n,) for variational levels, "maha" (n,)}.
-The manifest's calibration names, per level, which of kl / maha is the OOD score, the sorted
-reference scores behind the p-value and the threshold at the chosen false-positive rate.
+{"index" (n,), "mu" (n, C), "logvar" (n, C) and "kl" (n,) for levels with a log-variance, "maha" (n,)}.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from export.manifest import p_value
+from serve.scoring import ScoredFrames, Scorer
 from serve.wire import LevelWriter
-from train.audio import SAMPLE_RATE
-
-
-@dataclass(frozen=True)
-class LevelCalibration:
-    score: str  # "kl" | "maha"
-    reference: np.ndarray  # sorted reference scores
-    threshold: float
-    fpr: float
-
-
-def calibrations(manifest: dict) -> dict[str, LevelCalibration]:
-    cal = manifest.get("calibration") or {}
-    out = {}
-    for level, c in (cal.get("levels") or {}).items():
-        out[level] = LevelCalibration(score=c["score"], reference=np.asarray(c["reference"], dtype=np.float64),
-                                      threshold=float(c["threshold"]), fpr=float(cal.get("fpr", float("nan"))))
-    return out
-
-
-@dataclass
-class ScoredFrames:
-    """One level's frames of a batch (or of one response), scored."""
-
-    level: str
-    score: np.ndarray
-    p_value: np.ndarray | None
-    ood: np.ndarray
 
 
 class FrameBuilder:
     """Builds responses for one model (shared by all streams; holds no per-stream state)."""
 
-    def __init__(self, manifest: dict, level_hops: dict[str, int]):
-        self.cal = calibrations(manifest)
+    def __init__(self, manifest: dict, level_hops: dict[str, int], sample_rate: int):
+        self.scorer = Scorer(manifest)
         self.level_hops = dict(level_hops)
+        self.sample_rate = sample_rate
         self._writers: dict[tuple, LevelWriter] = {}
 
     def _writer(self, level: str, frames: dict, with_logvar: bool) -> LevelWriter:
         key = (level, with_logvar)
         w = self._writers.get(key)
         if w is None:
-            w = self._writers[key] = LevelWriter(level, frames["mu"].shape[1], self.level_hops[level], SAMPLE_RATE,
-                                                 with_logvar, "kl" in frames, level in self.cal)
+            w = self._writers[key] = LevelWriter(level, frames["mu"].shape[1], self.level_hops[level],
+                                                 self.sample_rate, with_logvar, "kl" in frames,
+                                                 level in self.scorer.cal)
         return w
 
     def score(self, level: str, frames: dict) -> ScoredFrames:
-        cal = self.cal.get(level)
-        kind = cal.score if cal is not None else ("kl" if "kl" in frames else "maha")
-        score = np.asarray(frames[kind], dtype=np.float64)
-        if cal is None:
-            return ScoredFrames(level, score, None, np.zeros(score.shape, dtype=bool))
-        return ScoredFrames(level, score, np.asarray(p_value(cal.reference, score)), score > cal.threshold)
+        return self.scorer.score(level, frames)
 
     def responses(self, requests: list[tuple[dict[str, dict], tuple[str, ...], bool]]
                   ) -> tuple[list[bytes | None], dict[str, list[ScoredFrames]]]:

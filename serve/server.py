@@ -49,7 +49,9 @@ class Server:
     """One model served on one port. start() / wait() / drain(); or run() for all three."""
 
     def __init__(self, opts: ServerOptions):
-        from export.runtime import ModelInfo, StreamingModel, providers
+        from serve.model_dir import ModelInfo
+        from serve.onnx_sessions import providers
+        from serve.runtime import StreamingModel
 
         self.opts = opts
         self.threads = opts.threads if opts.threads is not None else auto_threads(opts.model_dir)
@@ -64,7 +66,7 @@ class Server:
         log.info("streaming step: %s on %s, onnxruntime intra-op threads: %s", self.model.step_precision,
                  "a child process" if opts.engine == "process" else "a worker thread", self.threads or "one per core")
         self.metrics = Metrics()
-        self.decoders = DecoderBank(self.model.dir, self.model.manifest, self.model.level_dims, providers())
+        self.decoders = DecoderBank(self.model, providers())
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http = None
@@ -161,7 +163,7 @@ def auto_threads(model_dir: str) -> int | None:
     Two int8 threads that sleep between steps (`--threads 2 --no-spin`) won some stretches of a
     later test and lost over more runs (2026-12-01, 16 streams: 13/24 runs within the bound against
     17/24 on one thread, for ~20 % more server CPU)."""
-    from export.manifest import ManifestError, load_manifest, step_precision
+    from serve.model_dir import ManifestError, load_manifest, step_precision
 
     try:
         manifest = load_manifest(model_dir, verify=False)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from export.runtime import providers
 from protos.sim.v1 import sim_pb2 as pb
 from protos.sim.v1 import sim_pb2_grpc as pb_grpc
 from serve.audio_codec import check_encoding, check_length
@@ -17,6 +16,7 @@ from serve.batcher import Batcher
 from serve.decoders import DecoderBank
 from serve.errors import StreamError, outcome_label
 from serve.metrics import Metrics
+from serve.onnx_sessions import providers
 from serve.session import END, StreamSession
 
 log = logging.getLogger("serve")
@@ -175,7 +175,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "config.levels names a level twice")
         levels = tuple(lv for lv in self.model.levels if lv in levels)  # model order
         sr = self.model.sample_rate
-        return StreamSession(levels, cfg.return_logvar, cfg.encoding,
+        return StreamSession(levels, cfg.return_logvar, cfg.encoding, sr,
                              max_samples=int(self.limits.max_stream_seconds * sr),
                              max_backlog=int(self.limits.max_backlog_seconds * sr))
 
@@ -266,7 +266,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                                lookahead=int(geo["lookahead"]), providers=providers())
         for level in m.levels:
             li = resp.levels.add(name=level, dim=int(m.level_dims[level]), hop_samples=int(m.level_hops[level]),
-                                 has_logvar=bool(m.variational and level != "ar"),
+                                 has_logvar=level in m.logvar_levels,
                                  has_decoder=self.decoders.available(level))
             c = (cal.get("levels") or {}).get(level)
             if c:

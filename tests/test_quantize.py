@@ -5,10 +5,10 @@ import numpy as np
 import onnx
 import pytest
 
-from export.manifest import load_manifest
-from export.manifest import MANIFEST
+from serve.model_dir import MANIFEST, load_manifest
 from export.quantize import STEP_FP32
-from export.runtime import StreamingModel, encode_streaming, encode_streams
+from export.streams import encode_streaming, encode_streams
+from serve.runtime import StreamingModel
 from support.exports import one_torch_thread, write_checkpoint
 from train.audio import load_audio
 from train.corpus import load_corpus

@@ -49,7 +49,7 @@ def test_wire_bytes_parse_to_the_message_the_protobuf_api_builds(return_logvar):
     manifest = {"calibration": {"fpr": 0.01, "levels": {
         "m1": {"score": "kl", "reference": reference.tolist(), "threshold": float(reference[-5])},
         "ar": {"score": "maha", "reference": reference.tolist(), "threshold": float(reference[-5])}}}}
-    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160})
+    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160}, 16000)
     popped = {}
     # indices across the 1- / 2- / 3-byte varint boundaries; m3 has no calibration (no p_value)
     for level, dim, start, n in (("m1", 512, 120, 12), ("m3", 7, 16380, 6), ("ar", 3, 0, 2)):
@@ -103,7 +103,7 @@ def test_batched_responses_equal_each_streams_own_response():
     manifest = {"calibration": {"fpr": 0.01, "levels": {
         lv: {"score": "kl" if lv != "ar" else "maha", "reference": reference.tolist(),
              "threshold": float(reference[-3])} for lv in ("m1", "m3", "ar")}}}
-    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160})
+    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160}, 16000)
     dims = {"m1": 6, "m3": 5, "ar": 4}
 
     def popped(start: int) -> dict:
@@ -154,7 +154,7 @@ def _tick_plan(hop: int, hops: list[int], rng) -> "TickRequest":
 def test_engine_defers_an_early_hop_but_lets_a_stream_far_behind_catch_up(model):
     """Engine.tick on a real model: ten streams with one hop and one with two step one hop each
     (the second waits for the next tick); a stream CATCH_UP_HOPS or more behind steps all its hops."""
-    from export.runtime import StreamingModel
+    from serve.runtime import StreamingModel
     from serve.engine import CATCH_UP_HOPS, Engine, TickRequest
 
     m = StreamingModel(model[0])
@@ -177,7 +177,7 @@ def test_engine_defers_an_early_hop_but_lets_a_stream_far_behind_catch_up(model)
 
 
 def test_engine_reports_bad_audio_as_that_streams_error_only(model):
-    from export.runtime import StreamingModel
+    from serve.runtime import StreamingModel
     from serve.engine import Engine, TickRequest
 
     m = StreamingModel(model[0])
@@ -198,7 +198,7 @@ def test_process_engine_gives_the_same_replies_and_restarts_after_a_crash(model)
     import os
     import signal
 
-    from export.runtime import StreamingModel
+    from serve.runtime import StreamingModel
     from serve.engine import EngineDied, ProcessEngine, ThreadEngine, TickRequest
 
     m = StreamingModel(model[0])
