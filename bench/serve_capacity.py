@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from serve.model_dir import step_precision  # noqa: E402
-from protos.sim.v1 import sim_pb2 as pb  # noqa: E402
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc  # noqa: E402
+from protos.sim.v2 import sim_pb2 as pb  # noqa: E402
+from protos.sim.v2 import sim_pb2_grpc as pb_grpc  # noqa: E402
 from serve import announce  # noqa: E402
 from train.audio import HOP, SAMPLE_RATE  # noqa: E402
 
@@ -180,9 +180,11 @@ async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]
             try:
                 async for resp in stubs[i % len(stubs)].StreamEncode(requests()):
                     now = time.perf_counter()
-                    for f in resp.frames:
-                        if f.level == top and f.index >= warm_frames:
-                            j = (HOP * f.index + 252) // HOP  # the message holding the frame's last sample
+                    for frames in resp.frames:
+                        if frames.level != top:
+                            continue
+                        for f in range(max(frames.first_index, warm_frames), frames.first_index + frames.count):
+                            j = (HOP * f + 252) // HOP  # the message holding the frame's last sample
                             if j < len(chunks):
                                 latencies.append(now - sent[j])
             except grpc.aio.AioRpcError as exc:

@@ -12,10 +12,12 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from protos.sim.v1 import sim_pb2 as pb
+from protos.sim.v2 import codec
+from protos.sim.v2 import sim_pb2 as pb
 from train.audio import HOP, SAMPLE_RATE
 
 TIMELINE_LEVEL = "m3"
+_KEYS = ("mu", "logvar", "kl", "maha", "score", "p_value", "ood")
 
 
 def config_request(levels: Iterable[str] = (), return_logvar: bool = False,
@@ -25,11 +27,7 @@ def config_request(levels: Iterable[str] = (), return_logvar: bool = False,
 
 
 def audio_request(samples: np.ndarray, encoding: int = pb.FLOAT32) -> pb.StreamEncodeRequest:
-    if encoding == pb.LINEAR16:
-        data = np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
-    else:
-        data = np.asarray(samples, dtype="<f4").tobytes()
-    return pb.StreamEncodeRequest(audio=data)
+    return pb.StreamEncodeRequest(audio=codec.encode_samples(samples, encoding))
 
 
 def file_requests(audio: np.ndarray, chunk_samples: int, *, realtime: bool = False, levels: Iterable[str] = (),
@@ -56,47 +54,60 @@ class FrameCollector:
 
     def __init__(self, timeline_level: str = TIMELINE_LEVEL):
         self.timeline_level = timeline_level
-        self._cols: dict[str, dict[str, list]] = {}
+        self._columns: dict[str, dict[str, list[np.ndarray]]] = {}  # level -> key -> parts, in order
+        self._counts: dict[str, int] = {}
 
-    def add(self, response: pb.StreamEncodeResponse) -> list[pb.Frame]:
-        for f in response.frames:
-            col = self._cols.setdefault(f.level, {"mu": [], "logvar": [], "kl": [], "maha": [], "score": [],
-                                                  "p_value": [], "ood": []})
-            expected = len(col["mu"])
-            if f.index != expected:
-                raise ValueError(f"level {f.level}: frame {f.index} arrived where {expected} was expected")
-            col["mu"].append(np.asarray(f.mu, dtype=np.float32))
-            if len(f.logvar):
-                col["logvar"].append(np.asarray(f.logvar, dtype=np.float32))
-            if f.HasField("kl"):
-                col["kl"].append(f.kl)
-            col["maha"].append(f.maha)
-            col["score"].append(f.ood_score)
-            col["p_value"].append(f.p_value if f.HasField("p_value") else np.nan)
-            col["ood"].append(f.ood)
-        return list(response.frames)
+    def add(self, response: pb.StreamEncodeResponse) -> list[codec.Frames]:
+        """Take one response's frames; returns them as arrays, one Frames per LevelFrames."""
+        got = [codec.frames_of(msg) for msg in response.frames]
+        for f in got:
+            expected = self._counts.get(f.level, 0)
+            if f.first_index != expected:
+                raise ValueError(f"level {f.level}: frame {f.first_index} arrived where {expected} was expected")
+            col = self._columns.setdefault(f.level, {k: [] for k in _KEYS})
+            for key, values in (("mu", f.mu), ("logvar", f.logvar), ("kl", f.kl), ("maha", f.maha),
+                                ("score", f.ood_score), ("ood", f.ood),
+                                ("p_value", f.p_value if f.p_value is not None
+                                 else np.full(f.count, np.nan, np.float32))):
+                if values is not None:
+                    col[key].append(values)
+            self._counts[f.level] = expected + f.count
+        return got
 
     @property
     def levels(self) -> list[str]:
-        return list(self._cols)
+        return list(self._columns)
 
     def count(self, level: str) -> int:
-        return len(self._cols.get(level, {}).get("mu", ()))
+        return self._counts.get(level, 0)
 
-    def arrays(self, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    def column(self, level: str, key: str) -> np.ndarray | None:
+        """All frames' values of one key ("mu", "logvar", "kl", "maha", "score", "p_value", "ood") of
+        a level so far; None when none were received."""
+        parts = self._columns.get(level, {}).get(key)
+        if not parts:
+            return None
+        if len(parts) > 1:
+            parts[:] = [np.concatenate(parts)]  # later calls start from the joined array
+        return parts[0]
+
+    def recent(self, level: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The OOD scores and flags of a level's last n frames (fewer at the start)."""
+        scores, ood = self.column(level, "score"), self.column(level, "ood")
+        if scores is None:
+            return np.zeros(0, np.float32), np.zeros(0, bool)
+        return scores[-n:], ood[-n:]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every level's arrays so far (a level appears once its first frame has arrived)."""
         out: dict[str, np.ndarray] = {}
-        for level, col in self._cols.items():
-            dim = (dims or {}).get(level, col["mu"][0].shape[0] if col["mu"] else 0)
-            out[level] = np.stack(col["mu"]) if col["mu"] else np.zeros((0, dim), np.float32)
-            if col["kl"]:
-                out[f"kl_{level}"] = np.asarray(col["kl"], np.float32)
-            if col["logvar"]:
-                out[f"logvar_{level}"] = np.stack(col["logvar"])
-            out[f"maha_{level}"] = np.asarray(col["maha"], np.float32)
-            out[f"score_{level}"] = np.asarray(col["score"], np.float32)
-            out[f"p_value_{level}"] = np.asarray(col["p_value"], np.float32)
-            out[f"ood_{level}"] = np.asarray(col["ood"], bool)
-        if self.timeline_level in self._cols:
+        for level in self._columns:
+            out[level] = np.array(self.column(level, "mu"))
+            for key in ("kl", "logvar", "maha", "score", "p_value", "ood"):
+                values = self.column(level, key)
+                if values is not None:
+                    out[f"{key}_{level}"] = np.array(values)
+        if self.timeline_level in self._columns:
             out["p_value"] = out[f"p_value_{self.timeline_level}"]
             out["ood"] = out[f"ood_{self.timeline_level}"]
         return out

@@ -23,7 +23,7 @@ import numpy as np
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
 from clients.encoding import TIMELINE_LEVEL, FrameCollector, audio_request, config_request, flagged_stretches
 from clients.view import dbfs, level_meter, sparkline
-from protos.sim.v1 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2 as pb
 from train.audio import SAMPLE_RATE, level_hops
 
 
@@ -158,11 +158,15 @@ class MicSession:
         return np.concatenate(self.recorded) if self.recorded else np.zeros(0, np.float32)
 
     def scores(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The OOD scores and flags of the view level's last n frames."""
         with self.lock:
-            col = self.collector._cols.get(self.view_level)
-            if not col:
-                return np.zeros(0), np.zeros(0, bool)
-            return np.asarray(col["score"][-n:]), np.asarray(col["ood"][-n:], bool)
+            return self.collector.recent(self.view_level, n)
+
+    def flags(self, level: str) -> np.ndarray:
+        """The OOD flags of every frame of a level so far."""
+        with self.lock:
+            flags = self.collector.column(level, "ood")
+        return np.zeros(0, bool) if flags is None else flags
 
 
 class LiveView:
@@ -180,9 +184,8 @@ class LiveView:
     def __call__(self, s: MicSession) -> None:
         width = max(20, min(shutil.get_terminal_size((100, 20)).columns - 12, 200))
         scores, ood = s.scores(width)
-        with s.lock:
-            n = s.collector.count(self.level)
-            all_ood = np.asarray(s.collector._cols.get(self.level, {}).get("ood", []), bool)
+        all_ood = s.flags(self.level)
+        n = all_ood.size
         t = s.samples_sent / SAMPLE_RATE
         stretches = flagged_stretches(all_ood, self.frame_s, min_gap=5)
         head = (f"{t:7.1f} s  input {level_meter(s.last_db)}  {n} frames ({self.level}), "

@@ -30,6 +30,7 @@ import grpc
 
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
 from clients.encoding import TIMELINE_LEVEL, file_requests
+from protos.sim.v2 import codec
 from train.audio import SAMPLE_RATE, AudioError, level_hops, load_audio
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
@@ -48,6 +49,11 @@ class RollingRate:
         self._sum = 0
         self.alerting = False
         self.max_rate = 0.0
+
+    @property
+    def frames(self) -> int:
+        """Frames in the window now."""
+        return len(self._flags)
 
     @property
     def rate(self) -> float:
@@ -134,13 +140,18 @@ class Monitor:
                 tracker.add(resp)
             tracker.finish(len(audio) / SAMPLE_RATE)
         except AudioError as exc:
-            self._failed(source, str(exc))
+            self.failed(source, str(exc))
         except grpc.RpcError as exc:
-            self._failed(source, describe_rpc_error(exc))
+            self.failed(source, describe_rpc_error(exc))
         finally:
             self.metrics.active.dec()
 
-    def _failed(self, source: str, message: str) -> None:
+    def count_alert(self) -> None:
+        with self._lock:
+            self.alerts += 1
+        self.metrics.alerts.inc()
+
+    def failed(self, source: str, message: str) -> None:
         with self._lock:
             self.failures += 1
         self.metrics.sources.labels("error").inc()
@@ -158,24 +169,25 @@ class _Tracker:
 
     def add(self, resp) -> None:
         m = self.m
-        for f in resp.frames:
-            if f.level != m.level:
+        for msg in resp.frames:
+            if msg.level != m.level:
                 continue
-            self.frames += 1
-            self.flagged += bool(f.ood)
-            m.metrics.frames.inc()
-            if f.ood:
-                m.metrics.flagged.inc()
-            crossing = self.rolling.push(f.ood)
-            if crossing is not None:
+            frames = codec.frames_of(msg)
+            flagged = int(frames.ood.sum())
+            self.frames += frames.count
+            self.flagged += flagged
+            m.metrics.frames.inc(frames.count)
+            if flagged:
+                m.metrics.flagged.inc(flagged)
+            for index, ood in zip(frames.index.tolist(), frames.ood.tolist()):
+                crossing = self.rolling.push(ood)
+                if crossing is None:
+                    continue
                 if crossing == "alert":
                     self.alerts += 1
-                    with m._lock:
-                        m.alerts += 1
-                    m.metrics.alerts.inc()
-                m.events.emit(crossing, source=self.source, level=m.level,
-                              time=round((f.index + 1) * m.frame_s, 3), rate=round(self.rolling.rate, 4),
-                              frames=len(self.rolling._flags))
+                    m.count_alert()
+                m.events.emit(crossing, source=self.source, level=m.level, time=round((index + 1) * m.frame_s, 3),
+                              rate=round(self.rolling.rate, 4), frames=self.rolling.frames)
 
     def finish(self, seconds: float) -> None:
         self.m.metrics.sources.labels("ok").inc()
@@ -325,11 +337,11 @@ def _start_mic(monitor: Monitor, args):
         try:
             session.run(on_start=lambda _stream: print("monitoring the microphone", file=sys.stderr, flush=True))
             if session.error is not None:
-                monitor._failed("mic", describe_rpc_error(session.error))
+                monitor.failed("mic", describe_rpc_error(session.error))
             else:
                 tracker.finish(session.samples_sent / SAMPLE_RATE)
         except ClientError as exc:
-            monitor._failed("mic", str(exc))
+            monitor.failed("mic", str(exc))
         finally:
             monitor.metrics.active.dec()
             session.done.set()

@@ -15,7 +15,7 @@ import numpy as np
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
 from clients.encoding import TIMELINE_LEVEL, FrameCollector, file_requests, flagged_stretches
 from clients.view import ood_timeline
-from protos.sim.v1 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2 as pb
 from train.audio import HOP, SAMPLE_RATE, AudioError, level_hops, load_audio
 
 

@@ -14,7 +14,7 @@ from serve.servicer import Limits
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m serve",
-        description="Serve an exported SIM/GIM/CPC model over gRPC (sim.v1.SimEncoder): stream 16 kHz audio in, "
+        description="Serve an exported SIM/GIM/CPC model over gRPC (sim.v2.SimEncoder): stream 16 kHz audio in, "
                     "get latent frames and calibrated OOD scores back. Prints 'listening on HOST:PORT' when ready. "
                     "SIGTERM drains: health turns NOT_SERVING, open streams get --drain-grace seconds to finish.",
 )

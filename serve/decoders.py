@@ -13,17 +13,18 @@ import threading
 import grpc
 import numpy as np
 
+from protos.sim.v2 import codec
 from serve.errors import StreamError
 from serve.model_dir import ModelInfo, sha256_file
+from serve.onnx_sessions import make_session
 
 
 class DecoderBank:
-    def __init__(self, model: ModelInfo, providers: list[str], max_frames: int = 6000):
+    def __init__(self, model: ModelInfo, max_frames: int = 6000):
         self.model_dir = model.dir
         self.files = dict(model.decoder_files)  # level -> file name
         self.hashes = {name: model.manifest["files"][name].get("sha256") for name in self.files.values()}
-        self.level_dims = {lv: dim for lv, dim in model.level_dims.items()}
-        self.providers = list(providers)
+        self.level_dims = dict(model.level_dims)
         self.max_frames = max_frames
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -35,8 +36,6 @@ class DecoderBank:
         with self._lock:
             if level in self._sessions:
                 return self._sessions[level]
-            import onnxruntime as ort
-
             path = self.model_dir / self.files[level]
             expected = self.hashes[path.name]
             try:
@@ -49,7 +48,7 @@ class DecoderBank:
                                   f"{path.name} changed since the model was exported (sha256 mismatch); "
                                   "re-export the model and restart the server")
             try:
-                sess = ort.InferenceSession(str(path), providers=self.providers)
+                sess = make_session(path)
             except Exception as exc:  # onnxruntime raises several types for unreadable graphs
                 raise StreamError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"decoder for level {level!r} cannot be loaded ({path.name}: {exc})") from None
@@ -66,8 +65,9 @@ class DecoderBank:
             self._sessions[level] = sess
             return sess
 
-    def decode(self, level: str, num_frames: int, latents) -> np.ndarray:
-        """Audio samples (float32) for num_frames x dim latents. Raises StreamError with the status to send."""
+    def decode(self, level: str, num_frames: int, latents: bytes) -> np.ndarray:
+        """Audio samples (float32) for num_frames x dim latents (packed float32, sim.v2). Raises
+        StreamError with the status to send."""
         if level not in self.level_dims:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"unknown level {level!r}; the model has {', '.join(self.level_dims)}")
@@ -82,11 +82,15 @@ class DecoderBank:
         if num_frames > self.max_frames:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                               f"num_frames {num_frames} exceeds the limit of {self.max_frames} per call")
-        z = np.asarray(latents, dtype=np.float32)
-        if z.size != num_frames * dim:
+        size = codec.FLOAT.itemsize
+        if len(latents) % size:
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"latents has {z.size} values; level {level!r} needs num_frames x {dim} = "
+                              f"latents has {len(latents)} bytes, not a multiple of {size} (float32 values)")
+        if len(latents) != num_frames * dim * size:
+            raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"latents has {len(latents) // size} values; level {level!r} needs num_frames x {dim} = "
                               f"{num_frames * dim}")
+        z = codec.unpack(latents, num_frames, dim)
         if not np.isfinite(z).all():
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "latents contain NaN or infinite values")
         sess = self._session(level)

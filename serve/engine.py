@@ -34,7 +34,8 @@ from grpc import StatusCode
 
 from serve.audio_codec import decode_audio
 from serve.errors import StreamError
-from serve.frames import FrameBuilder, ScoredFrames
+from serve.responses import ResponseBuilder
+from serve.scoring import ScoredFrames
 
 log = logging.getLogger("serve.engine")
 CATCH_UP_HOPS = 3  # a stream this many hops behind steps all of them (up to max_hops) at once
@@ -99,7 +100,7 @@ class Engine:
 
     def __init__(self, model, max_hops_per_tick: int = 8):
         self.model = model
-        self.builder = FrameBuilder(model.manifest, model.level_hops, model.sample_rate)
+        self.builder = ResponseBuilder(model.manifest, model.levels)
         self.max_hops = max_hops_per_tick
         self.streams: dict[int, _Stream] = {}
 

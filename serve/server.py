@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from protos.sim.v1 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2 as pb
 from serve.auth import TokenInterceptor
 from serve.batcher import Batcher
 from serve.decoders import DecoderBank
@@ -23,7 +23,7 @@ from serve.servicer import Limits, SimEncoderServicer, add_servicer
 
 log = logging.getLogger("serve")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SimEncoder"].full_name  # "sim.v1.SimEncoder"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SimEncoder"].full_name  # "sim.v2.SimEncoder"
 
 
 @dataclass
@@ -50,7 +50,6 @@ class Server:
 
     def __init__(self, opts: ServerOptions):
         from serve.model_dir import ModelInfo
-        from serve.onnx_sessions import providers
         from serve.runtime import StreamingModel
 
         self.opts = opts
@@ -66,7 +65,7 @@ class Server:
         log.info("streaming step: %s on %s, onnxruntime intra-op threads: %s", self.model.step_precision,
                  "a child process" if opts.engine == "process" else "a worker thread", self.threads or "one per core")
         self.metrics = Metrics()
-        self.decoders = DecoderBank(self.model, providers())
+        self.decoders = DecoderBank(self.model)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http = None

@@ -1,4 +1,4 @@
-"""The sim.v1.SimEncoder service: StreamEncode, Info and Decode."""
+"""The sim.v2.SimEncoder service: StreamEncode, Info and Decode."""
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from protos.sim.v1 import sim_pb2 as pb
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+from protos.sim.v2 import codec
+from protos.sim.v2 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2_grpc as pb_grpc
 from serve.audio_codec import check_encoding, check_length
 from serve.batcher import Batcher
 from serve.decoders import DecoderBank
@@ -21,7 +22,7 @@ from serve.session import END, StreamSession
 
 log = logging.getLogger("serve")
 
-API_VERSION = "sim.v1"
+API_VERSION = pb.DESCRIPTOR.package  # "sim.v2"
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def package_version() -> str:
 
 
 def _serialize_response(resp) -> bytes:
-    """StreamEncode responses arrive already serialised (serve.wire); anything else is a message."""
+    """StreamEncode responses arrive already serialised (serve.responses); anything else is a message."""
     return resp if isinstance(resp, bytes) else resp.SerializeToString()
 
 
@@ -294,6 +295,4 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             self.metrics.decode_requests.labels(outcome_label(err.code)).inc()
             await context.abort(err.code, err.message)
         self.metrics.decode_requests.labels("ok").inc()
-        resp = pb.DecodeResponse(sample_rate=self.model.sample_rate)
-        resp.audio.extend(audio.tolist())
-        return resp
+        return pb.DecodeResponse(sample_rate=self.model.sample_rate, audio=codec.pack(audio))

@@ -24,7 +24,7 @@ class StreamSession:
     def __init__(self, levels: tuple[str, ...], return_logvar: bool, encoding: int, sample_rate: int,
                  max_samples: int, max_backlog: int):
         self.id = next(_ids)
-        self.encoding = encoding  # sim.v1.AudioEncoding of the audio messages
+        self.encoding = encoding  # sim.v2.AudioEncoding of the audio messages
         self.levels = levels
         self.sample_rate = sample_rate
         self.return_logvar = return_logvar

@@ -155,7 +155,7 @@ def test_mic_client_latents_match_streaming_the_file(virtual_mic, server, small_
     import grpc
 
     from clients.connection import Connection
-    from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+    from protos.sim.v2 import sim_pb2_grpc as pb_grpc
 
     shifted = np.concatenate([np.zeros(lag, np.float32), clip])
     channel = grpc.insecure_channel(server.address)

@@ -85,8 +85,8 @@ def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, t
     assert StreamingModel(int8_model).step_precision == "int8" and StreamingModel(fp32_model).step_precision == "fp32"
 
     from clients.encoding import FrameCollector, file_requests
-    from protos.sim.v1 import sim_pb2 as pb
-    from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+    from protos.sim.v2 import sim_pb2 as pb
+    from protos.sim.v2 import sim_pb2_grpc as pb_grpc
     from support.serving import ServerProcess
 
     audio = load_audio(load_corpus(small_corpus, "test")[0].path)

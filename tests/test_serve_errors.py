@@ -11,8 +11,9 @@ import pytest
 import soundfile as sf
 
 from clients.encoding import FrameCollector, audio_request, config_request, file_requests
-from protos.sim.v1 import sim_pb2 as pb
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+from protos.sim.v2 import codec
+from protos.sim.v2 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2_grpc as pb_grpc
 from support.serving import ServerProcess, wait_for
 from train.corpus import load_corpus
 
@@ -103,8 +104,8 @@ def test_error_after_frames_keeps_the_frames_sent(server, speech):
     assert err.code() == INVALID
     # frames of the good audio may or may not have been sent before the error; any sent are valid
     for r in responses:
-        for f in r.frames:
-            assert np.isfinite(np.asarray(f.mu)).all()
+        for m in r.frames:
+            assert np.isfinite(codec.frames_of(m).mu).all()
 
 
 def test_idle_too_long(server):

@@ -13,8 +13,8 @@ import soundfile as sf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.encoding import FrameCollector, audio_request, config_request, file_requests
-from protos.sim.v1 import sim_pb2 as pb
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+from protos.sim.v2 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2_grpc as pb_grpc
 from support.serving import PY, ROOT, ServerProcess, offline, self_signed_cert, wait_for
 from train.corpus import load_corpus
 
@@ -144,7 +144,7 @@ def test_decoder_changed_on_disk_is_failed_precondition(model, tmp_path):
         (copy / "decoder_m3.onnx").write_bytes(b"not an onnx graph")
         channel = grpc.insecure_channel(srv.address)
         with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.SimEncoderStub(channel).Decode(pb.DecodeRequest(level="m3", num_frames=1, latents=[0.0] * 32))
+            pb_grpc.SimEncoderStub(channel).Decode(pb.DecodeRequest(level="m3", num_frames=1, latents=bytes(4 * 32)))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "re-export" in err.value.details()
         channel.close()
     finally:

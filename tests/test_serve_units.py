@@ -6,52 +6,48 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from protos.sim.v1 import sim_pb2 as pb
-from serve import wire
-from serve.frames import FrameBuilder
+from protos.sim.v2 import sim_pb2 as pb
 from serve.metrics import SCORE_BUCKETS, Metrics
+from serve.responses import ResponseBuilder
+from serve.scoring import p_value
 
 
-def _reference_response(builder: FrameBuilder, popped: dict, levels, return_logvar: bool) -> pb.StreamEncodeResponse:
-    """The response as the protobuf message API builds it, field by field (the slow, obvious way)."""
+def _reference_response(manifest: dict, popped: dict, levels, return_logvar: bool) -> pb.StreamEncodeResponse:
+    """The response written out field by field from the runtime's arrays and the manifest (the obvious way)."""
+    cal = manifest["calibration"]["levels"]
     resp = pb.StreamEncodeResponse()
     for level in levels:
-        frames = popped[level]
-        sc = builder.score(level, frames)
-        for j, idx in enumerate(frames["index"].tolist()):
-            f = resp.frames.add(level=level, index=idx, start_time=idx * builder.level_hops[level] / 16000,
-                                maha=float(frames["maha"][j]), ood_score=float(sc.score[j]), ood=bool(sc.ood[j]))
-            f.mu.extend(frames["mu"][j].tolist())
-            if return_logvar and "logvar" in frames:
-                f.logvar.extend(frames["logvar"][j].tolist())
-            if "kl" in frames:
-                f.kl = float(frames["kl"][j])
-            if sc.p_value is not None:
-                f.p_value = float(sc.p_value[j])
+        frames = popped.get(level)
+        if frames is None or not len(frames["index"]):
+            continue
+        c = cal.get(level)
+        score = frames[c["score"] if c else ("kl" if "kl" in frames else "maha")].astype(np.float64)
+        n, dim = frames["mu"].shape
+        m = resp.frames.add(level=level, first_index=int(frames["index"][0]), count=n, dim=dim,
+                            mu=frames["mu"].astype("<f4").tobytes(), maha=frames["maha"].astype("<f4").tobytes(),
+                            ood_score=score.astype("<f4").tobytes())
+        if return_logvar and "logvar" in frames:
+            m.logvar = frames["logvar"].astype("<f4").tobytes()
+        if "kl" in frames:
+            m.kl = frames["kl"].astype("<f4").tobytes()
+        if c:
+            m.p_value = p_value(np.asarray(c["reference"]), score).astype("<f4").tobytes()
+            m.ood = (score > c["threshold"]).astype(np.uint8).tobytes()
+        else:
+            m.ood = bytes(n)
     return resp
 
 
-def test_wire_field_numbers_and_types_are_the_protos():
-    types = {"level": 9, "index": 3, "start_time": 1, "mu": 2, "logvar": 2, "kl": 2, "maha": 2, "ood_score": 2,
-             "p_value": 2, "ood": 8}  # FieldDescriptor.TYPE_*: string, int64, double, float, bool
-    for name, (number, _) in wire.FIELDS.items():
-        field = pb.Frame.DESCRIPTOR.fields_by_name[name]
-        assert field.number == number and field.type == types[name], name
-    assert pb.StreamEncodeResponse.DESCRIPTOR.fields_by_name["frames"].number == wire.RESPONSE_FRAMES[0]
-    assert [wire.varint(n) for n in (0, 127, 128, 300, 16384)] == [
-        b"\x00", b"\x7f", b"\x80\x01", b"\xac\x02", b"\x80\x80\x01"]
-
-
 @pytest.mark.parametrize("return_logvar", [False, True])
-def test_wire_bytes_parse_to_the_message_the_protobuf_api_builds(return_logvar):
+def test_response_bytes_parse_to_the_message_written_field_by_field(return_logvar):
     rng = np.random.default_rng(3)
     reference = np.sort(rng.gamma(2.0, 50.0, 500))
     manifest = {"calibration": {"fpr": 0.01, "levels": {
         "m1": {"score": "kl", "reference": reference.tolist(), "threshold": float(reference[-5])},
         "ar": {"score": "maha", "reference": reference.tolist(), "threshold": float(reference[-5])}}}}
-    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160}, 16000)
+    builder = ResponseBuilder(manifest, ["m1", "m3", "ar"])
     popped = {}
-    # indices across the 1- / 2- / 3-byte varint boundaries; m3 has no calibration (no p_value)
+    # frame indices far from 0; m3 has no calibration (no p_value)
     for level, dim, start, n in (("m1", 512, 120, 12), ("m3", 7, 16380, 6), ("ar", 3, 0, 2)):
         frames = {"index": np.arange(start, start + n, dtype=np.int64),
                   "mu": rng.standard_normal((n, dim)).astype(np.float32),
@@ -66,9 +62,11 @@ def test_wire_bytes_parse_to_the_message_the_protobuf_api_builds(return_logvar):
     levels = ("m1", "m3", "ar")
     data, scored = builder.response(popped, levels, return_logvar)
     parsed = pb.StreamEncodeResponse.FromString(data)
-    expected = _reference_response(builder, popped, levels, return_logvar)
-    assert parsed == expected and len(parsed.frames) == 20
-    assert any(f.ood for f in parsed.frames) and not all(f.ood for f in parsed.frames)
+    expected = _reference_response(manifest, popped, levels, return_logvar)
+    assert parsed == expected and [m.level for m in parsed.frames] == list(levels)
+    assert sum(m.count for m in parsed.frames) == 20
+    flags = b"".join(m.ood for m in parsed.frames)
+    assert 1 in flags and 0 in flags
     assert [s.level for s in scored] == list(levels)
     # two responses written back to back are one response with the frames of both
     merged = pb.StreamEncodeResponse.FromString(data + data)
@@ -95,15 +93,14 @@ def test_bulk_histogram_exports_what_a_prometheus_histogram_would():
 
 
 def test_batched_responses_equal_each_streams_own_response():
-    """responses() encodes a level's frames of all streams together: each stream must still get
-    exactly its own frames, whatever its levels, logvar choice and index range (streams at
-    different varint widths, one crossing a width inside the batch)."""
+    """responses() scores a level's frames of all streams together: each stream must still get
+    exactly its own frames, whatever its levels, logvar choice and index range."""
     rng = np.random.default_rng(5)
     reference = np.sort(rng.gamma(2.0, 50.0, 300))
     manifest = {"calibration": {"fpr": 0.01, "levels": {
         lv: {"score": "kl" if lv != "ar" else "maha", "reference": reference.tolist(),
              "threshold": float(reference[-3])} for lv in ("m1", "m3", "ar")}}}
-    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160}, 16000)
+    builder = ResponseBuilder(manifest, ["m1", "m3", "ar"])
     dims = {"m1": 6, "m3": 5, "ar": 4}
 
     def popped(start: int) -> dict:
@@ -119,7 +116,6 @@ def test_batched_responses_equal_each_streams_own_response():
             out[level] = frames
         return out
 
-    # m1 frames 120..135 and 16376..16391 cross the 1/2- and 2/3-byte varint widths
     requests = [(popped(0), ("m1", "m3", "ar"), False), (popped(2047), ("m1", "ar"), True),
                 (popped(15), ("m1", "m3"), True), (popped(300000), ("m1", "m3", "ar"), False),
                 ({}, ("m1",), False), (popped(7), ("ar",), False)]
@@ -129,7 +125,7 @@ def test_batched_responses_equal_each_streams_own_response():
         if p:
             alone, _ = builder.response(p, levels, lv)
             assert got == alone
-            assert pb.StreamEncodeResponse.FromString(got) == _reference_response(builder, p, levels, lv)
+            assert pb.StreamEncodeResponse.FromString(got) == _reference_response(manifest, p, levels, lv)
     n_frames = {lv: sum(len(p[lv]["index"]) for p, levels, _ in requests if lv in levels and p) for lv in dims}
     assert {lv: sum(s.score.size for s in parts) for lv, parts in scored.items()} == n_frames
 
