@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from clients.encoding import flagged_stretches
+from clients.collector import flagged_stretches
 from clients.monitor import DirectoryWatcher, RollingRate
 from clients.view import level_meter, ood_timeline, sparkline
 from support.serving import PY, ROOT, ServerProcess, metric_value, offline, wait_for
@@ -149,6 +149,26 @@ def test_monitor_watches_a_directory_and_exports_counters(server, files, tmp_pat
     assert rc == 0
 
 
+def test_clients_take_the_levels_from_the_served_model(exported, files, tmp_path):
+    """A CPC model has only m3 and ar (Info says so): a level it lacks is a usage error naming the
+    model's levels, before any audio is sent; a level it has works."""
+    srv = ServerProcess(exported("cpc"), log_dir=tmp_path).start()
+    try:
+        proc = cli("clients.monitor", "--server", srv.address, "--once", "--level", "m1", files[0])
+        assert proc.returncode == 2, proc.stderr
+        assert "error: --level m1: the served model (cpc) has levels m3, ar" in proc.stderr
+        proc = cli("clients.mic", "--server", srv.address, "--view-level", "m1", "--duration", "1")
+        assert proc.returncode == 2 and "--view-level m1: the served model (cpc) has levels m3, ar" in proc.stderr
+        ok = cli("clients.monitor", "--server", srv.address, "--once", "--level", "ar", files[0])
+        assert ok.returncode == 0, ok.stderr
+        assert [e["event"] for e in events_of(ok.stdout)] == ["end"] and events_of(ok.stdout)[0]["frames"] > 0
+        got = cli("clients.stream", files[0], "--server", srv.address, "--out", tmp_path / "cpc.npz")
+        assert got.returncode == 0, got.stderr
+        assert {"m3", "ar"} <= set(np.load(tmp_path / "cpc.npz").files) and "m1" not in np.load(tmp_path / "cpc.npz")
+    finally:
+        srv.close()
+
+
 def test_rolling_rate_crossings():
     r = RollingRate(window=4, alert_rate=0.5, min_frames=2)
     out = [r.push(f) for f in [False, False, True, True, True, False, False, False, True]]
@@ -158,7 +178,7 @@ def test_rolling_rate_crossings():
 
 def test_text_helpers():
     assert flagged_stretches(np.array([0, 1, 1, 0, 0, 1], bool), 0.01) == [(0.01, 0.03), (0.05, 0.06)]
-    assert flagged_stretches(np.zeros(5, bool)) == []
+    assert flagged_stretches(np.zeros(5, bool), 0.01) == []
     assert sparkline([0, 1, 2], 0, 2) == "▁▅█"
     assert ood_timeline(np.array([0, 0, 0, 0, 0, 1, 0, 1, 1], bool), 3) == ".!#"
     assert level_meter(-30.0, width=10).startswith("[#####.....]")

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from clients.encoding import FrameCollector, file_requests
+from clients.collector import FrameCollector
+from clients.requests import file_requests
 from support.serving import PY, ROOT, ServerProcess, model_dir
 from train.audio import SAMPLE_RATE, level_hops
 from train.corpus import load_corpus
@@ -160,7 +161,8 @@ def test_mic_client_latents_match_streaming_the_file(virtual_mic, server, small_
     shifted = np.concatenate([np.zeros(lag, np.float32), clip])
     channel = grpc.insecure_channel(server.address)
     col = FrameCollector()
-    for resp in Connection(channel, pb_grpc.SimEncoderStub(channel), ()).stub.StreamEncode(file_requests(shifted, 1600)):
+    stub = Connection(channel, pb_grpc.SimEncoderStub(channel), ()).stub
+    for resp in stub.StreamEncode(file_requests(shifted, SAMPLE_RATE, 1600)):
         col.add(resp)
     channel.close()
     ref = col.arrays()

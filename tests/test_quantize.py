@@ -10,7 +10,7 @@ from export.quantize import STEP_FP32
 from export.streams import encode_streaming, encode_streams
 from serve.runtime import StreamingModel
 from support.exports import one_torch_thread, write_checkpoint
-from train.audio import load_audio
+from train.audio import SAMPLE_RATE, load_audio
 from train.corpus import load_corpus
 
 
@@ -84,7 +84,8 @@ def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, t
     assert auto_threads(str(int8_model)) == 1 and auto_threads(str(fp32_model)) is None
     assert StreamingModel(int8_model).step_precision == "int8" and StreamingModel(fp32_model).step_precision == "fp32"
 
-    from clients.encoding import FrameCollector, file_requests
+    from clients.collector import FrameCollector
+    from clients.requests import file_requests
     from protos.sim.v2 import sim_pb2 as pb
     from protos.sim.v2 import sim_pb2_grpc as pb_grpc
     from support.serving import ServerProcess
@@ -96,7 +97,7 @@ def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, t
             stub = pb_grpc.SimEncoderStub(channel)
             assert stub.Info(pb.InfoRequest(), timeout=10).versions["step_precision"] == "int8"
             col = FrameCollector()
-            for resp in stub.StreamEncode(file_requests(audio, 777), timeout=60):
+            for resp in stub.StreamEncode(file_requests(audio, SAMPLE_RATE, 777), timeout=60):
                 col.add(resp)
             got = col.arrays()
     finally:

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from clients.collector import FrameCollector
 from clients.connection import Connection
-from clients.encoding import FrameCollector, audio_request, config_request, file_requests
+from clients.requests import audio_request, config_request, file_requests
 from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
 from protos.sim.v2 import sim_pb2_grpc as pb_grpc
 from support.serving import ServerProcess, offline, wait_for
-from train.audio import level_frames
+from train.audio import SAMPLE_RATE, level_frames
 from train.corpus import load_corpus
 
 TOL = 1e-4
@@ -50,7 +51,7 @@ def speech(small_corpus):
 
 def stream(conn, audio, chunks=1600, **kw) -> dict[str, np.ndarray]:
     col = FrameCollector()
-    for resp in conn.stub.StreamEncode(file_requests(audio, chunks, **kw), metadata=conn.metadata):
+    for resp in conn.stub.StreamEncode(file_requests(audio, SAMPLE_RATE, chunks, **kw), metadata=conn.metadata):
         col.add(resp)
     return col.arrays()
 
@@ -58,7 +59,7 @@ def stream(conn, audio, chunks=1600, **kw) -> dict[str, np.ndarray]:
 def stream_plan(conn, audio, plan, **kw) -> dict[str, np.ndarray]:
     """Stream audio cut by a cycle of chunk sizes."""
     def requests():
-        yield config_request(**kw)
+        yield config_request(SAMPLE_RATE, **kw)
         pos, i = 0, 0
         while pos < len(audio):
             n = plan[i % len(plan)]
@@ -111,7 +112,8 @@ def test_linear16_equals_offline_of_quantised_audio(conn, model, speech):
 
 def test_frames_carry_index_scores_and_logvar_on_request(conn, model, speech):
     col = FrameCollector()
-    responses = list(conn.stub.StreamEncode(file_requests(speech, 480, levels=["m2", "ar"], return_logvar=True)))
+    responses = list(conn.stub.StreamEncode(file_requests(speech, SAMPLE_RATE, 480, levels=["m2", "ar"],
+                                                          return_logvar=True)))
     messages = [m for r in responses for m in r.frames]
     assert {m.level for m in messages} == {"m2", "ar"}
     for r in responses:
@@ -218,7 +220,7 @@ def test_disconnect_mid_stream_frees_its_state(conn, server, speech):
     stop = threading.Event()
 
     def endless():
-        yield config_request()
+        yield config_request(SAMPLE_RATE)
         i = 0
         while not stop.is_set():
             yield audio_request(speech[(i * 160) % 16000:][:160])

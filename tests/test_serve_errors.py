@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from clients.encoding import FrameCollector, audio_request, config_request, file_requests
+from clients.collector import FrameCollector
+from clients.requests import audio_request, file_requests
 from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
 from protos.sim.v2 import sim_pb2_grpc as pb_grpc
 from support.serving import ServerProcess, wait_for
+from train.audio import SAMPLE_RATE
 from train.corpus import load_corpus
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -189,11 +191,11 @@ def test_a_bad_stream_does_not_harm_the_others(server, speech):
             col.add(r)
         return col.arrays()
 
-    solo = collect(file_requests(speech, 480))
+    solo = collect(file_requests(speech, SAMPLE_RATE, 480))
     results, errors = {}, []
 
     def good(i):
-        results[i] = collect(file_requests(speech, 480, realtime=False))
+        results[i] = collect(file_requests(speech, SAMPLE_RATE, 480, realtime=False))
 
     def bad(i):
         nan = audio_request(np.full(160, np.nan, np.float32))
@@ -243,7 +245,7 @@ def test_a_crashed_model_process_ends_open_streams_and_the_server_recovers(model
     try:
         s, ch = stub(srv)
         col = FrameCollector()
-        for r in s.StreamEncode(file_requests(speech, 480)):
+        for r in s.StreamEncode(file_requests(speech, SAMPLE_RATE, 480)):
             col.add(r)
         before = col.arrays()
         first = _engine_pid(srv)
@@ -272,7 +274,7 @@ def test_a_crashed_model_process_ends_open_streams_and_the_server_recovers(model
         assert "model process failed" in errors[0].details()
         wait_for(lambda: _engine_pid(srv) not in (None, first), timeout=60, what="a new engine process")
         col = FrameCollector()
-        for r in s.StreamEncode(file_requests(speech, 480)):
+        for r in s.StreamEncode(file_requests(speech, SAMPLE_RATE, 480)):
             col.add(r)
         after = col.arrays()
         for level in ("m1", "m2", "m3", "ar"):

@@ -1,52 +1,19 @@
-"""Client side of StreamEncode: send audio, collect frames into arrays.
+"""The frames of one StreamEncode call, collected into arrays.
 
 Arrays (FrameCollector.arrays()) use train.encode's names: m1 m2 m3 ar (frames x C) and kl_<level>
-(SIM conv levels), plus per level maha_<level>, score_<level> (the calibrated OOD score),
-p_value_<level>, ood_<level> and, when asked for, logvar_<level>. `p_value` and `ood` are those
-of the timeline level (m3 by default: 10 ms frames, the last conv module of every method).
+(levels with a log-variance), plus per level maha_<level>, score_<level> (the calibrated OOD
+score), p_value_<level>, ood_<level> and, when asked for, logvar_<level>. `p_value` and `ood` are
+those of the timeline level (m3 by default: 10 ms frames, the last conv module of every method).
 """
 from __future__ import annotations
-
-import time
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
-from train.audio import HOP, SAMPLE_RATE
 
 TIMELINE_LEVEL = "m3"
 _KEYS = ("mu", "logvar", "kl", "maha", "score", "p_value", "ood")
-
-
-def config_request(levels: Iterable[str] = (), return_logvar: bool = False,
-                   encoding: int = pb.FLOAT32) -> pb.StreamEncodeRequest:
-    return pb.StreamEncodeRequest(config=pb.StreamConfig(sample_rate=SAMPLE_RATE, encoding=encoding,
-                                                         levels=list(levels), return_logvar=return_logvar))
-
-
-def audio_request(samples: np.ndarray, encoding: int = pb.FLOAT32) -> pb.StreamEncodeRequest:
-    return pb.StreamEncodeRequest(audio=codec.encode_samples(samples, encoding))
-
-
-def file_requests(audio: np.ndarray, chunk_samples: int, *, realtime: bool = False, levels: Iterable[str] = (),
-                  return_logvar: bool = False, encoding: int = pb.FLOAT32,
-                  on_send: Callable[[int, float], None] | None = None) -> Iterator[pb.StreamEncodeRequest]:
-    """Config, then the audio in chunks; with realtime each chunk leaves when its last sample would
-    have been recorded. on_send(samples sent so far, time.monotonic()) after each chunk."""
-    yield config_request(levels, return_logvar, encoding)
-    start = time.monotonic()
-    for pos in range(0, len(audio), chunk_samples):
-        chunk = audio[pos:pos + chunk_samples]
-        if realtime:
-            due = start + (pos + len(chunk)) / SAMPLE_RATE
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        yield audio_request(chunk, encoding)
-        if on_send is not None:
-            on_send(pos + len(chunk), time.monotonic())
 
 
 class FrameCollector:
@@ -113,8 +80,7 @@ class FrameCollector:
         return out
 
 
-def flagged_stretches(ood: np.ndarray, frame_seconds: float = HOP / SAMPLE_RATE, min_gap: int = 1
-                      ) -> list[tuple[float, float]]:
+def flagged_stretches(ood: np.ndarray, frame_seconds: float, min_gap: int = 1) -> list[tuple[float, float]]:
     """(start s, end s) of each run of flagged frames (runs closer than min_gap frames merged)."""
     idx = np.flatnonzero(np.asarray(ood, bool))
     if idx.size == 0:
