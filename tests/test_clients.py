@@ -14,7 +14,8 @@ import soundfile as sf
 from clients.collector import flagged_stretches
 from clients.monitor import DirectoryWatcher, RollingRate
 from clients.view import level_meter, ood_timeline, sparkline
-from support.serving import PY, ROOT, ServerProcess, metric_value, offline, wait_for
+from serve.launch import ServerProcess, metric_value
+from support.serving import PY, ROOT, offline, wait_for
 from train.corpus import load_corpus
 
 

@@ -18,7 +18,8 @@ import soundfile as sf
 
 from clients.collector import FrameCollector
 from clients.requests import file_requests
-from support.serving import PY, ROOT, ServerProcess, model_dir
+from serve.launch import ServerProcess
+from support.serving import PY, ROOT, model_dir
 from train.audio import SAMPLE_RATE, level_hops
 from train.corpus import load_corpus
 

@@ -88,7 +88,7 @@ def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, t
     from clients.requests import file_requests
     from protos.sim.v2 import sim_pb2 as pb
     from protos.sim.v2 import sim_pb2_grpc as pb_grpc
-    from support.serving import ServerProcess
+    from serve.launch import ServerProcess
 
     audio = load_audio(load_corpus(small_corpus, "test")[0].path)
     srv = ServerProcess(int8_model, log_dir=tmp_path).start()

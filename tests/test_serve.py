@@ -19,7 +19,8 @@ from clients.requests import audio_request, config_request, file_requests
 from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
 from protos.sim.v2 import sim_pb2_grpc as pb_grpc
-from support.serving import ServerProcess, offline, wait_for
+from serve.launch import ServerProcess
+from support.serving import offline, wait_for
 from train.audio import SAMPLE_RATE, level_frames
 from train.corpus import load_corpus
 
@@ -188,12 +189,14 @@ def test_info_describes_model_calibration_and_limits(conn, model):
 
 
 def test_decode_returns_the_exported_decoders_audio(conn, model, speech):
-    from train.decoder import load_decoder
     import torch
+
+    from export.random_model import decoders_of
+    from train.decoder import load_decoder
 
     z = offline(model[1], speech)["m3"]
     resp = conn.stub.Decode(pb.DecodeRequest(level="m3", num_frames=z.shape[0], latents=codec.pack(z)))
-    dec, _ = load_decoder(model[0].parent / "dec" / "decoder_m3.pt")
+    dec, _ = load_decoder(decoders_of(model[0]) / "decoder_m3.pt")
     with torch.no_grad():
         ref = dec(torch.from_numpy(z)[None])[0].numpy()
     assert resp.sample_rate == 16000
@@ -260,7 +263,7 @@ def test_health_reflection_and_metrics(server, conn, speech):
     for name in ("sim_frame_latency_seconds_bucket", "sim_batch_size_bucket", "sim_active_streams",
                  "sim_ood_score_bucket", "sim_flagged_frames_total", "sim_streams_total", "sim_audio_seconds_total"):
         assert name in text, name
-    from support.serving import metric_value
+    from serve.launch import metric_value
 
     assert metric_value(text, "sim_frames_total", level="m3") == frames_before + got["m3"].shape[0]
     assert metric_value(text, "sim_streams_total", outcome="ok") == ok_before + 1

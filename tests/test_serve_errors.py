@@ -15,7 +15,8 @@ from clients.requests import audio_request, file_requests
 from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
 from protos.sim.v2 import sim_pb2_grpc as pb_grpc
-from support.serving import ServerProcess, wait_for
+from serve.launch import ServerProcess
+from support.serving import wait_for
 from train.audio import SAMPLE_RATE
 from train.corpus import load_corpus
 

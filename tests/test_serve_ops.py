@@ -16,7 +16,8 @@ from clients.collector import FrameCollector
 from clients.requests import audio_request, config_request, file_requests
 from protos.sim.v2 import sim_pb2 as pb
 from protos.sim.v2 import sim_pb2_grpc as pb_grpc
-from support.serving import PY, ROOT, ServerProcess, offline, self_signed_cert, wait_for
+from serve.launch import ServerProcess
+from support.serving import PY, ROOT, offline, self_signed_cert, wait_for
 from train.audio import SAMPLE_RATE
 from train.corpus import load_corpus
 
@@ -182,7 +183,7 @@ def test_workers_share_one_port_and_drain_together(model, speech, tmp_path):
     """--workers 2: two server processes on one port (SO_REUSEPORT); streams on separate connections
     each equal the offline encoding wherever they land; every stream is counted by some worker;
     SIGTERM stops both and the supervisor exits 0."""
-    from support.serving import metric_value
+    from serve.launch import metric_value
 
     srv = ServerProcess(model[0], "--workers", "2", log_dir=tmp_path).start()
     try:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import encoder_checkpoint, save_atomic
+from export.random_model import write_checkpoint as write_random_checkpoint
+from export.random_model import write_decoders as write_random_decoders
 from train.model import Encoder, ModelDims
 
 SMALL = dict(channels=32, hidden=16)
@@ -35,20 +36,13 @@ def small_encoder(method: str, seed: int = 0) -> Encoder:
 
 
 def write_checkpoint(path: Path, method: str, seed: int = 0) -> Path:
-    save_atomic(encoder_checkpoint(small_encoder(method, seed), {"method": method, "beta": 0.0033}), path)
+    write_random_checkpoint(path, ModelDims(method=method, **SMALL), seed)
     return path
 
 
 def write_decoders(directory: Path, levels=("m1", "m2", "m3"), channels: int = SMALL["channels"],
                    method: str = "sim") -> Path:
-    from train.decoder import Decoder, save_decoder
-
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(5)
-    for level in levels:
-        save_decoder(Decoder(level, channels), directory / f"decoder_{level}.pt",
-                     dims={"method": method, "channels": channels, "hidden": SMALL["hidden"]})
-    return directory
+    return write_random_decoders(directory, levels, ModelDims(method, channels, SMALL["hidden"]), seed=5)
 
 
 def export_small(method: str, root: Path, corpus: Path, decoders: bool = False) -> Path:
