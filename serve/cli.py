@@ -42,10 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-spin", dest="spin", action="store_false",
                     help="stop onnxruntime's threads from busy-waiting: saves about a core while idle, but costs "
                          "tail latency under load (default: spinning on)")
-    ap.add_argument("--engine", choices=("thread", "process"), default="thread",
-                    help="where the model's batched steps run: a worker thread of the server process, or a child "
-                         "process (its own GIL; if it crashes, its streams end INTERNAL and a new one starts; "
-                         "about 15%% more server CPU on the 2-core dev VM for the same capacity) (default %(default)s)")
     ap.add_argument("--batch-wait-ms", type=float, default=0.0,
                     help="when audio arrives, wait this long for other streams before running a batch (default %(default)s)")
     ap.add_argument("--workers", type=int, default=1,
@@ -102,12 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         model_dir=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, drain_grace_seconds=args.drain_grace,
         threads=args.threads, spin=args.spin, reuse_port=args.reuse_port, batch_wait_s=args.batch_wait_ms / 1000.0,
-        engine=args.engine,
         limits=Limits(max_message_bytes=args.max_message_bytes, max_streams=args.max_streams,
                       max_stream_seconds=args.max_stream_seconds, idle_timeout_seconds=args.idle_timeout))
     try:
         server = Server(opts)
-    except (ManifestError, RuntimeError) as exc:  # RuntimeError: the engine process could not load the model
+    except ManifestError as exc:
         return fail(str(exc))
 
     def ready(s: Server) -> None:

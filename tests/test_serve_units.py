@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
 from serve.metrics import SCORE_BUCKETS, Metrics
 from serve.responses import ResponseBuilder
@@ -187,48 +188,51 @@ def test_engine_reports_bad_audio_as_that_streams_error_only(model):
     assert [r[0] for r in reply.results] == [2] and list(engine.streams) == [2]
 
 
-def test_process_engine_gives_the_same_replies_and_restarts_after_a_crash(model):
-    """The same ticks through a child process and in this process: identical replies. A killed
-    child is reported as EngineDied, and restart() brings a working one back."""
+def test_a_failing_step_ends_only_that_ticks_streams_and_the_engine_serves_on(model):
+    """An exception inside the batched step (a server bug, or onnxruntime failing) ends the streams
+    of that tick with INTERNAL; the engine thread keeps its other streams and serves the next tick
+    (built on the event loop as in the server), and a new stream gives the frames a fresh model gives."""
     import asyncio
-    import os
-    import signal
 
+    from serve.engine import EngineThread, TickRequest
     from serve.runtime import StreamingModel
-    from serve.engine import EngineDied, ProcessEngine, ThreadEngine, TickRequest
 
     m = StreamingModel(model[0])
-    hops = [1, 2, 3, 5]
+    engine = EngineThread(m)
+    real = m.decode_streams
+    calls = []
 
-    async def run(engine) -> list:
-        rng = np.random.default_rng(1)
+    def failing_once(streams):
+        calls.append(len(list(streams)))
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return real(streams)
 
-        async def tick(req):
-            return engine.finish(await engine.tick(req))
-
-        replies = [await tick(_tick_plan(m.hop, hops, rng))]
-        while replies[-1].more:
-            replies.append(await tick(TickRequest()))
-        replies.append(await tick(TickRequest(closed=list(range(len(hops))))))
-        assert all(resp is not None for r in replies[:1] for _, resp, _, _ in r.results)
-        return [(r.results, r.errors, r.batch, r.decoded, r.more) for r in replies]
+    m.decode_streams = failing_once
+    rng = np.random.default_rng(3)
+    audio = (0.1 * rng.standard_normal(3 * m.hop)).astype("<f4").tobytes()
 
     async def main():
-        local, child = ThreadEngine(m), ProcessEngine(model[0], threads=1)
         try:
-            assert await run(child) == await run(local)
-            os.kill(child.pid, signal.SIGKILL)
-            with pytest.raises(EngineDied):
-                await child.tick(_tick_plan(m.hop, [1], np.random.default_rng(2)))
-            await child.restart()
-            reply = await child.tick(_tick_plan(m.hop, [1], np.random.default_rng(2)))
-            assert [r[0] for r in reply.results] == [0] and not reply.errors
+            first = engine.finish(await engine.tick(TickRequest(opens=[(1, ("m3",), False, pb.FLOAT32)],
+                                                                audio={1: audio})))
+            assert [(sid, code) for sid, code, _ in first.errors] == [(1, grpc.StatusCode.INTERNAL)]
+            assert "injected failure" in first.errors[0][2] and first.results == [] and not engine.engine.streams
+            second = engine.finish(await engine.tick(TickRequest(opens=[(2, ("m3",), False, pb.FLOAT32)],
+                                                                 audio={2: audio}, closed=[2])))
+            return second
         finally:
-            await child.stop()
-            await local.stop()
-        assert not child._proc.is_alive()
+            await engine.stop()
 
-    asyncio.run(main())
+    second = asyncio.run(main())
+    assert not second.errors and [(sid, done) for sid, _, done, _ in second.results] == [(2, True)]
+    got = pb.StreamEncodeResponse.FromString(second.results[0][1])
+    fresh = StreamingModel(model[0])
+    s = fresh.create_stream()
+    s.accept_waveform(np.frombuffer(audio, "<f4"))
+    s.input_finished()
+    fresh.decode_streams([s])
+    np.testing.assert_array_equal(np.concatenate([codec.frames_of(f).mu for f in got.frames]), s.pop_frames()["m3"]["mu"])
 
 
 def test_ready_lines_parse_back_to_what_was_printed():
