@@ -11,9 +11,8 @@ get two int8 parts per weight (see quantization_targets). The first conv (raw au
 per frame) and the GRU stay fp32.
 
 Activation scales are the 0.01st and 99.99th percentiles of each quantized input on the
-calibration clips rather than its min and max: on the default CPU-trained model that took the
-worst level's error from 5.2 % to 3.6 % (cross-layer equalization was tried as well and made it
-worse, so it is not used). On CPUs with AVX512-VNNI the step runs ~2x faster (docs/benchmarks.md).
+calibration clips rather than its min and max: a few outliers would otherwise stretch the scale of
+every frame (the measurements, and what else was tried: docs/benchmarks.md).
 
 The int8 model is an approximation of the fp32 one, so the export measures it instead of
 asserting equality: per level, the relative RMS error and the lowest per-frame cosine similarity
@@ -54,8 +53,8 @@ def quantization_targets(model_path: Path, conv_kernels: set[int], channels: int
     - per-row (export.rowquant): the Mahalanobis scorers (/<level>/Gemm) and the posterior heads
       (`channels` inputs per row) of every module;
     - two-part: of those, the first module's heads get each weight as two int8 parts (about 15
-      bits): the m1 latents are a small difference of large products there, and one int8 part
-      alone took m1's error on the default model from 3.2 % to 4.4 % (two parts: 3.3 %)."""
+      bits): the m1 latents are a small difference of large products there, which one int8 part
+      rounds too coarsely (docs/benchmarks.md)."""
     import onnx
 
     graph = onnx.load(str(model_path)).graph

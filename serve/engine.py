@@ -36,10 +36,10 @@ def tick_hops(available: list[int], max_hops: int) -> int:
     half of the streams with a hop ready have, at most max_hops. (Streams CATCH_UP_HOPS or more
     behind step all theirs, up to max_hops.)
 
-    A graph run costs ~0.6-0.75 ms on top of ~0.35 ms per stream (int8 step, one thread, this VM),
-    so a second run for the one or two real-time streams whose next message came early costs more
-    than stepping that hop with everyone in the next tick; a file streamed faster than real time,
-    alone or with others like it, still steps many hops per tick."""
+    Every graph run has a fixed cost on top of its per-stream cost, so a second run for the one or
+    two real-time streams whose next message came early costs more than stepping that hop with
+    everyone in the next tick; a file streamed faster than real time, alone or with others like
+    it, still steps many hops per tick."""
     ready = sorted((a for a in available if a > 0), reverse=True)
     return max(1, min(ready[(len(ready) - 1) // 2], max_hops)) if ready else 1
 

@@ -252,11 +252,6 @@ class Stream:
             for level, frame in frames.items():
                 self._pending[level].append(frame)
 
-    @property
-    def has_frames(self) -> bool:
-        """Whether pop_frames() would return at least one frame."""
-        return any(self._pending.values())
-
     def pop_frames(self) -> dict[str, dict[str, np.ndarray]]:
         """Frames completed since the last call, per level (empty arrays where none)."""
         result = {}
