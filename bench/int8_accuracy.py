@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from export.quantize import STEP, STEP_FP32, accuracy  # noqa: E402
-from export.runtime import StreamingModel, encode_streams  # noqa: E402
+from export.streams import encode_streams  # noqa: E402
+from serve.runtime import StreamingModel  # noqa: E402
 
 
 def fp32_view(model_dir: Path, tmp: Path) -> Path:

@@ -22,12 +22,9 @@ import json
 import os
 import platform
 import random
-import re
 import shlex
-import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,11 +33,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export.manifest import step_precision  # noqa: E402
-from protos.sim.v1 import sim_pb2 as pb  # noqa: E402
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc  # noqa: E402
-from serve import announce  # noqa: E402
-from train.audio import HOP, SAMPLE_RATE  # noqa: E402
+from protos.sim.v2 import codec  # noqa: E402
+from protos.sim.v2 import sim_pb2 as pb  # noqa: E402
+from protos.sim.v2 import sim_pb2_grpc as pb_grpc  # noqa: E402
+from serve.launch import ServerProcess  # noqa: E402
+from serve.model_dir import ModelInfo  # noqa: E402
 
 WARMUP_S = 1.0
 
@@ -61,25 +58,16 @@ def bench_corpus(cache: Path) -> Path:
 def prepare_model(cache: Path, int8: bool = False) -> Path:
     """Full-size random SIM encoder exported to cache/model (once); calibration on a small corpus.
     With int8, cache/model_int8 with the step quantized (export --int8)."""
+    from export.random_model import export_random_model
+    from train.model import ModelDims
+
     out = cache / ("model_int8" if int8 else "model")
-    if (out / "manifest.json").is_file():
-        return out
-    import torch
-
-    from train.checkpoint import encoder_checkpoint, save_atomic
-    from train.model import Encoder, ModelDims
-
-    corpus = bench_corpus(cache)
-    torch.manual_seed(0)
-    ckpt = cache / "ckpt.pt"
-    save_atomic(encoder_checkpoint(Encoder(ModelDims("sim", 512, 256)), {"method": "sim", "beta": 0.0033}), ckpt)
-    print(f"exporting a full-size random SIM encoder to {out} ...", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, "-m", "export.onnx", str(ckpt), "--out", str(out), "--corpus", str(corpus),
-                    "--calibration-clips", "10", "--skip-verify", *(["--int8"] if int8 else [])], cwd=ROOT, check=True)
-    return out
+    if not (out / "manifest.json").is_file():
+        print(f"exporting a full-size random SIM encoder to {out} ...", file=sys.stderr, flush=True)
+    return export_random_model(out, bench_corpus(cache), ModelDims("sim", 512, 256), int8=int8, seed=0)
 
 
-def speech_audio(cache: Path, seconds: float) -> np.ndarray:
+def speech_audio(cache: Path, seconds: float, sample_rate: int) -> np.ndarray:
     """Real synthesised speech from the bench corpus, looped to `seconds`."""
     import soundfile as sf
 
@@ -87,71 +75,22 @@ def speech_audio(cache: Path, seconds: float) -> np.ndarray:
 
     parts = [sf.read(u.path, dtype="float32")[0] for u in load_corpus(bench_corpus(cache))[:10]]
     audio = np.concatenate(parts)
-    reps = int(np.ceil(seconds * SAMPLE_RATE / len(audio)))
-    return np.tile(audio, reps)[: int(seconds * SAMPLE_RATE)]
+    reps = int(np.ceil(seconds * sample_rate / len(audio)))
+    return np.tile(audio, reps)[: int(seconds * sample_rate)]
 
 
-class Server:
-    def __init__(self, model: Path, extra: list[str]):
-        cmd = [sys.executable, "-m", "serve", "--model", str(model), "--port", "0", "--metrics-port", "0",
-               "--max-streams", "1000", "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "SIM_ORT_PROVIDER": os.environ.get("SIM_ORT_PROVIDER", "cpu")})
-        self.port = None
-        self.metrics_ports: list[int] = []
-        workers = 1
-        while self.port is None or len(self.metrics_ports) < workers:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the server did not start")
-            ready = announce.parse(line)
-            if ready is not None and ready.kind == "listening":
-                self.port, workers = ready.port, ready.workers
-            elif ready is not None:
-                self.metrics_ports.append(ready.port)
-
-    def metric(self, name: str) -> float:
-        """The metric summed over the server's processes (one per --workers)."""
-        total = 0.0
-        for port in self.metrics_ports:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-            m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-            total += float(m.group(1)) if m else 0.0
-        return total
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the server process and its child processes have used so far."""
-        pids = [self.proc.pid]
-        tasks = Path(f"/proc/{self.proc.pid}/task")
-        for task in tasks.iterdir() if tasks.exists() else ():  # any thread's: --workers, --engine process
-            try:
-                pids += [int(p) for p in (task / "children").read_text().split()]
-            except FileNotFoundError:  # a thread that just ended
-                pass
-        total = 0.0
-        for pid in pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except FileNotFoundError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-
-
-async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str], channel_per_stream: bool) -> dict:
+async def run_streams(address: str, model: ModelInfo, n: int, audio: np.ndarray, levels: list[str],
+                      channel_per_stream: bool) -> dict:
     import grpc
 
-    chunks = [pb.StreamEncodeRequest(audio=audio[i:i + HOP].astype("<f4").tobytes())
-              for i in range(0, len(audio) - HOP + 1, HOP)]
-    config = pb.StreamEncodeRequest(config=pb.StreamConfig(sample_rate=SAMPLE_RATE, encoding=pb.FLOAT32,
-                                                           levels=levels))
+    rate, hop = model.sample_rate, model.hop
+    lookahead = int(model.manifest["geometry"]["lookahead"])  # top frame f needs samples up to hop (f + 1) + lookahead - 1
+    chunks = [pb.StreamEncodeRequest(audio=codec.encode_samples(audio[i:i + hop], pb.FLOAT32))
+              for i in range(0, len(audio) - hop + 1, hop)]
+    config = pb.StreamEncodeRequest(config=pb.StreamConfig(sample_rate=rate, encoding=pb.FLOAT32, levels=levels))
     latencies: list[float] = []
     errors: list[str] = []
-    warm_frames = int(WARMUP_S * SAMPLE_RATE / HOP)
+    warm_frames = int(WARMUP_S * rate / hop)
     top = "m3" if "m3" in levels or not levels else levels[-1]
     # a local subchannel pool per channel: otherwise gRPC shares one TCP connection among channels
     options = [("grpc.use_local_subchannel_pool", 1)] if channel_per_stream else []
@@ -161,7 +100,7 @@ async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]
         await c.channel_ready()
     try:
         t0 = time.perf_counter() + 0.2
-        offsets = [random.Random(i).uniform(0, HOP / SAMPLE_RATE) for i in range(n)]
+        offsets = [random.Random(i).uniform(0, hop / rate) for i in range(n)]
 
         async def one(i: int) -> None:
             sent = [0.0] * len(chunks)
@@ -170,7 +109,7 @@ async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]
             async def requests():
                 yield config
                 for j, req in enumerate(chunks):
-                    due = start + (j + 1) * HOP / SAMPLE_RATE  # when message j's last sample was recorded
+                    due = start + (j + 1) * hop / rate  # when message j's last sample was recorded
                     delay = due - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)
@@ -180,9 +119,11 @@ async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]
             try:
                 async for resp in stubs[i % len(stubs)].StreamEncode(requests()):
                     now = time.perf_counter()
-                    for f in resp.frames:
-                        if f.level == top and f.index >= warm_frames:
-                            j = (HOP * f.index + 252) // HOP  # the message holding the frame's last sample
+                    for frames in resp.frames:
+                        if frames.level != top:
+                            continue
+                        for f in range(max(frames.first_index, warm_frames), frames.first_index + frames.count):
+                            j = (hop * (f + 1) + lookahead - 1) // hop  # the message holding its last sample
                             if j < len(chunks):
                                 latencies.append(now - sent[j])
             except grpc.aio.AioRpcError as exc:
@@ -198,17 +139,17 @@ async def run_streams(address: str, n: int, audio: np.ndarray, levels: list[str]
             "max_ms": float(lat.max()) if lat.size else float("nan")}
 
 
-def measure(server: Server, n: int, audio: np.ndarray, levels: list[str], p99_ms: float,
+def measure(server: ServerProcess, model: ModelInfo, n: int, audio: np.ndarray, levels: list[str], p99_ms: float,
             channel_per_stream: bool = False) -> dict:
     b_sum, b_cnt = server.metric("sim_batch_size_sum"), server.metric("sim_batch_size_count")
     t_sum = server.metric("sim_tick_duration_seconds_sum")
     cpu0, scpu0 = os.times(), server.cpu_seconds()
-    r = asyncio.run(run_streams(f"127.0.0.1:{server.port}", n, audio, levels, channel_per_stream))
+    r = asyncio.run(run_streams(server.address, model, n, audio, levels, channel_per_stream))
     cpu1, scpu1 = os.times(), server.cpu_seconds()
     r["client_cpu_s"] = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     r["server_cpu_s"] = scpu1 - scpu0
     # CPU seconds (server + client) per second of one stream's audio: 2 cores / this = a compute bound
-    r["cpu_per_stream"] = (r["server_cpu_s"] + r["client_cpu_s"]) / (n * len(audio) / SAMPLE_RATE)
+    r["cpu_per_stream"] = (r["server_cpu_s"] + r["client_cpu_s"]) / (n * len(audio) / model.sample_rate)
     db = server.metric("sim_batch_size_count") - b_cnt
     r["mean_batch"] = (server.metric("sim_batch_size_sum") - b_sum) / db if db else float("nan")
     r["mean_tick_ms"] = 1000.0 * (server.metric("sim_tick_duration_seconds_sum") - t_sum) / db if db else float("nan")
@@ -237,15 +178,16 @@ def main() -> int:
     args = ap.parse_args()
 
     cache = Path(args.cache)
-    model = Path(args.model) if args.model else prepare_model(cache, args.int8)
-    audio = speech_audio(cache, args.seconds)
+    model_dir = Path(args.model) if args.model else prepare_model(cache, args.int8)
+    model = ModelInfo(model_dir, verify=False)
+    audio = speech_audio(cache, args.seconds, model.sample_rate)
     levels = [] if args.levels == "all" else [lv for lv in args.levels.split(",") if lv]
-    manifest = json.loads((model / "manifest.json").read_text())
+    manifest = model.manifest
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
     header = (f"# serve capacity, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu}, {os.cpu_count()} cores; "
               f"model {manifest['method']} {manifest['dims']['channels']} ch / GRU {manifest['dims']['hidden']}, "
-              f"step {step_precision(manifest)}; "
+              f"step {model.step_precision}; "
               f"levels {args.levels}; {args.seconds:g} s per stream; p99 bound {args.p99_ms:g} ms; "
               f"server options: {args.server_args or 'defaults'}; "
               f"{'a channel per stream' if args.channel_per_stream else 'one channel'}")
@@ -253,13 +195,14 @@ def main() -> int:
     print("| streams | frames | p50 ms | p90 ms | p99 ms | max ms | mean batch | mean tick ms | server CPU s "
           "| client CPU s | CPU s per stream-s | result |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    server = Server(model, shlex.split(args.server_args))
+    server = ServerProcess(model_dir, "--max-streams", "1000", "--log-level", "warning",
+                           *shlex.split(args.server_args)).start(timeout=300)
     results = []
 
     def run(n: int, repeat: int = args.repeat) -> dict:
         rows = []
         for _ in range(repeat):
-            r = measure(server, n, audio, levels, args.p99_ms, args.channel_per_stream)
+            r = measure(server, model, n, audio, levels, args.p99_ms, args.channel_per_stream)
             rows.append(r)
             verdict = "pass" if r["pass"] else ("errors: " + "; ".join(sorted(set(r["errors"])))[:80] if r["errors"]
                                                 else "fail")
@@ -287,7 +230,7 @@ def main() -> int:
                     break
                 n += 1
     finally:
-        server.stop()
+        server.stop(timeout=60)
     best = max((r["streams"] for r in results if r["pass"]), default=0)
     if args.repeat > 1:
         print("\nruns passed per count: " + ", ".join(f"{r['streams']}: {r['passed_runs']}/{len(r['runs'])}"

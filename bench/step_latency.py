@@ -23,8 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from export.manifest import step_precision  # noqa: E402
-from export.runtime import make_session  # noqa: E402
+from serve.model_dir import step_precision  # noqa: E402
+from serve.onnx_sessions import make_session  # noqa: E402
 
 
 def prepare(model_dir: Path, batch: int, threads: int | None, spin: bool):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+from protos.sim.v2 import sim_pb2_grpc as pb_grpc
 
 
 class ClientError(RuntimeError):

@@ -20,11 +20,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from clients.collector import TIMELINE_LEVEL, FrameCollector, flagged_stretches
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
-from clients.encoding import TIMELINE_LEVEL, FrameCollector, audio_request, config_request, flagged_stretches
+from clients.requests import audio_request, config_request
+from clients.served_model import fetch
 from clients.view import dbfs, level_meter, sparkline
-from protos.sim.v1 import sim_pb2 as pb
-from train.audio import SAMPLE_RATE, level_hops
+from protos.sim.v2 import sim_pb2 as pb
 
 
 def import_sounddevice():
@@ -66,9 +67,10 @@ class MicSession:
     """Microphone capture, the gRPC stream and the state the view shows. Threads: PortAudio's
     callback (capture), gRPC's request thread (send), one receive thread; the caller renders."""
 
-    def __init__(self, conn, device=None, block_samples: int = 160, levels=(), return_logvar: bool = False,
-                 view_level: str = TIMELINE_LEVEL, on_response=None):
+    def __init__(self, conn, sample_rate: int, device=None, block_samples: int = 160, levels=(),
+                 return_logvar: bool = False, view_level: str = TIMELINE_LEVEL, on_response=None):
         self.conn = conn
+        self.sample_rate = sample_rate  # the served model's: the microphone records at it
         self.on_response = on_response  # called with each StreamEncodeResponse (receive thread)
         self.device = device
         self.block = block_samples
@@ -94,7 +96,7 @@ class MicSession:
 
     # gRPC request thread
     def _requests(self):
-        yield config_request(self.levels, self.return_logvar, pb.FLOAT32)
+        yield config_request(self.sample_rate, self.levels, self.return_logvar, pb.FLOAT32)
         while True:
             try:
                 block = self._audio_q.get(timeout=0.05)
@@ -128,7 +130,7 @@ class MicSession:
         sd = import_sounddevice()
         receiver = threading.Thread(target=self._receive, name="mic-receive", daemon=True)
         try:
-            stream = sd.InputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=self.block,
+            stream = sd.InputStream(samplerate=self.sample_rate, channels=1, dtype="float32", blocksize=self.block,
                                     device=self.device, callback=self._callback)
         except Exception as exc:  # PortAudioError and ValueError for bad devices/rates
             raise ClientError(f"cannot open the microphone: {exc}") from None
@@ -158,32 +160,36 @@ class MicSession:
         return np.concatenate(self.recorded) if self.recorded else np.zeros(0, np.float32)
 
     def scores(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The OOD scores and flags of the view level's last n frames."""
         with self.lock:
-            col = self.collector._cols.get(self.view_level)
-            if not col:
-                return np.zeros(0), np.zeros(0, bool)
-            return np.asarray(col["score"][-n:]), np.asarray(col["ood"][-n:], bool)
+            return self.collector.recent(self.view_level, n)
+
+    def flags(self, level: str) -> np.ndarray:
+        """The OOD flags of every frame of a level so far."""
+        with self.lock:
+            flags = self.collector.column(level, "ood")
+        return np.zeros(0, bool) if flags is None else flags
 
 
 class LiveView:
     """Redraws a few lines in place on a terminal; prints a line per second elsewhere."""
 
-    def __init__(self, out=sys.stdout, level: str = TIMELINE_LEVEL, threshold: float | None = None):
+    def __init__(self, frame_seconds: float, out=sys.stdout, level: str = TIMELINE_LEVEL,
+                 threshold: float | None = None):
         self.out = out
         self.tty = out.isatty()
         self.level = level
         self.threshold = threshold  # the level's OOD threshold: the sparkline's midpoint
-        self.frame_s = level_hops().get(level, 160) / SAMPLE_RATE
+        self.frame_s = frame_seconds  # of the level's frames
         self._drawn = 0
         self._last_plain = 0.0
 
     def __call__(self, s: MicSession) -> None:
         width = max(20, min(shutil.get_terminal_size((100, 20)).columns - 12, 200))
         scores, ood = s.scores(width)
-        with s.lock:
-            n = s.collector.count(self.level)
-            all_ood = np.asarray(s.collector._cols.get(self.level, {}).get("ood", []), bool)
-        t = s.samples_sent / SAMPLE_RATE
+        all_ood = s.flags(self.level)
+        n = all_ood.size
+        t = s.samples_sent / s.sample_rate
         stretches = flagged_stretches(all_ood, self.frame_s, min_gap=5)
         head = (f"{t:7.1f} s  input {level_meter(s.last_db)}  {n} frames ({self.level}), "
                 f"{int(all_ood.sum())} flagged")
@@ -211,25 +217,13 @@ class LiveView:
         self._drawn = len(lines)
 
 
-def level_threshold(conn, level: str) -> float | None:
-    """The served model's OOD threshold for `level` (None when it has no calibration for it)."""
-    try:
-        info = conn.stub.Info(pb.InfoRequest(), metadata=conn.metadata, timeout=10)
-    except grpc.RpcError as exc:
-        raise ClientError(f"Info failed: {describe_rpc_error(exc)}") from None
-    for lv in info.levels:
-        if lv.name == level:
-            return lv.calibration.threshold if lv.HasField("calibration") else None
-    raise ClientError(f"--view-level {level}: the model has levels {', '.join(lv.name for lv in info.levels)}")
-
-
 def save(prefix: str, session: MicSession) -> list[Path]:
     import soundfile as sf
 
     base = Path(prefix)
     base.parent.mkdir(parents=True, exist_ok=True)
     wav, npz = base.with_name(base.name + ".wav"), base.with_name(base.name + ".npz")
-    sf.write(str(wav), session.audio(), SAMPLE_RATE, subtype="FLOAT")
+    sf.write(str(wav), session.audio(), session.sample_rate, subtype="FLOAT")
     np.savez(npz, **session.arrays())
     return [wav, npz]
 
@@ -264,19 +258,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        threshold = level_threshold(conn, args.view_level)
+        served = fetch(conn)
+        view_level = served.level(args.view_level, "--view-level")
     except ClientError as exc:
         conn.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    session = MicSession(conn, device=device, block_samples=max(1, int(round(args.block_ms * SAMPLE_RATE / 1000))),
+    rate = served.sample_rate
+    session = MicSession(conn, rate, device=device, block_samples=max(1, int(round(args.block_ms * rate / 1000))),
                          levels=[lv for lv in args.levels.split(",") if lv], return_logvar=args.logvar,
                          view_level=args.view_level)
-    view = LiveView(level=args.view_level, threshold=threshold)
+    view = LiveView(served.frame_seconds(args.view_level), level=args.view_level, threshold=view_level.threshold)
 
     def started(stream) -> None:
         print(f"recording from {stream.device if device is not None else 'the default input'} at "
-              f"{SAMPLE_RATE} Hz, sending to {args.server}; Ctrl-C to stop", flush=True)
+              f"{rate} Hz, sending to {args.server}; Ctrl-C to stop", flush=True)
 
     previous = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, lambda *_: session.stop())
@@ -299,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     level = args.view_level
     if f"ood_{level}" in arrays:
         ood = arrays[f"ood_{level}"]
-        print(f"{session.samples_sent / SAMPLE_RATE:.1f} s sent; {ood.size} frames ({level}), {int(ood.sum())} flagged")
+        print(f"{session.samples_sent / rate:.1f} s sent; {ood.size} frames ({level}), {int(ood.sum())} flagged")
     return 1 if session.error is not None else 0
 
 

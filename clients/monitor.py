@@ -28,9 +28,12 @@ from pathlib import Path
 
 import grpc
 
+from clients.audio import AudioFileError, load_audio
+from clients.collector import TIMELINE_LEVEL
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
-from clients.encoding import TIMELINE_LEVEL, file_requests
-from train.audio import SAMPLE_RATE, AudioError, level_hops, load_audio
+from clients.requests import file_requests
+from clients.served_model import ServedModel, fetch
+from protos.sim.v2 import codec
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 EXIT_OK, EXIT_ALERT, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
@@ -48,6 +51,11 @@ class RollingRate:
         self._sum = 0
         self.alerting = False
         self.max_rate = 0.0
+
+    @property
+    def frames(self) -> int:
+        """Frames in the window now."""
+        return len(self._flags)
 
     @property
     def rate(self) -> float:
@@ -104,13 +112,14 @@ class EventLog:
 
 
 class Monitor:
-    def __init__(self, conn, events: EventLog, metrics: MonitorMetrics, level: str, window_s: float,
-                 alert_rate: float, realtime: bool = False, chunk_samples: int = 1600):
+    def __init__(self, conn, served: ServedModel, events: EventLog, metrics: MonitorMetrics, level: str,
+                 window_s: float, alert_rate: float, realtime: bool = False, chunk_samples: int = 1600):
         self.conn = conn
+        self.sample_rate = served.sample_rate
         self.events = events
         self.metrics = metrics
-        self.level = level
-        self.frame_s = level_hops()[level] / SAMPLE_RATE
+        self.level = served.level(level).name
+        self.frame_s = served.frame_seconds(level)
         self.window = max(1, int(round(window_s / self.frame_s)))
         self.alert_rate = alert_rate
         self.realtime = realtime
@@ -127,20 +136,26 @@ class Monitor:
         source = str(path)
         self.metrics.active.inc()
         try:
-            audio = load_audio(path, allow_resample=True, mixdown=True)
+            audio = load_audio(path, self.sample_rate)
             tracker = self.tracker(source)
-            requests = file_requests(audio, self.chunk_samples, realtime=self.realtime, levels=[self.level])
+            requests = file_requests(audio, self.sample_rate, self.chunk_samples, realtime=self.realtime,
+                                     levels=[self.level])
             for resp in self.conn.stub.StreamEncode(requests, metadata=self.conn.metadata):
                 tracker.add(resp)
-            tracker.finish(len(audio) / SAMPLE_RATE)
-        except AudioError as exc:
-            self._failed(source, str(exc))
+            tracker.finish(len(audio) / self.sample_rate)
+        except AudioFileError as exc:
+            self.failed(source, str(exc))
         except grpc.RpcError as exc:
-            self._failed(source, describe_rpc_error(exc))
+            self.failed(source, describe_rpc_error(exc))
         finally:
             self.metrics.active.dec()
 
-    def _failed(self, source: str, message: str) -> None:
+    def count_alert(self) -> None:
+        with self._lock:
+            self.alerts += 1
+        self.metrics.alerts.inc()
+
+    def failed(self, source: str, message: str) -> None:
         with self._lock:
             self.failures += 1
         self.metrics.sources.labels("error").inc()
@@ -158,24 +173,25 @@ class _Tracker:
 
     def add(self, resp) -> None:
         m = self.m
-        for f in resp.frames:
-            if f.level != m.level:
+        for msg in resp.frames:
+            if msg.level != m.level:
                 continue
-            self.frames += 1
-            self.flagged += bool(f.ood)
-            m.metrics.frames.inc()
-            if f.ood:
-                m.metrics.flagged.inc()
-            crossing = self.rolling.push(f.ood)
-            if crossing is not None:
+            frames = codec.frames_of(msg)
+            flagged = int(frames.ood.sum())
+            self.frames += frames.count
+            self.flagged += flagged
+            m.metrics.frames.inc(frames.count)
+            if flagged:
+                m.metrics.flagged.inc(flagged)
+            for index, ood in zip(frames.index.tolist(), frames.ood.tolist()):
+                crossing = self.rolling.push(ood)
+                if crossing is None:
+                    continue
                 if crossing == "alert":
                     self.alerts += 1
-                    with m._lock:
-                        m.alerts += 1
-                    m.metrics.alerts.inc()
-                m.events.emit(crossing, source=self.source, level=m.level,
-                              time=round((f.index + 1) * m.frame_s, 3), rate=round(self.rolling.rate, 4),
-                              frames=len(self.rolling._flags))
+                    m.count_alert()
+                m.events.emit(crossing, source=self.source, level=m.level, time=round((index + 1) * m.frame_s, 3),
+                              rate=round(self.rolling.rate, 4), frames=self.rolling.frames)
 
     def finish(self, seconds: float) -> None:
         self.m.metrics.sources.labels("ok").inc()
@@ -255,8 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         return usage("--alert-rate must be in (0, 1]")
     if args.window <= 0 or args.parallel < 1 or args.poll <= 0:
         return usage("--window, --parallel and --poll must be positive")
-    if args.level not in level_hops():
-        return usage(f"--level must be one of {', '.join(level_hops())}")
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         return usage(f"no such file: {', '.join(missing)}")
@@ -267,13 +281,19 @@ def main(argv: list[str] | None = None) -> int:
         conn = connect(args)
     except ClientError as exc:
         return usage(str(exc))
+    try:
+        served = fetch(conn)
+        served.level(args.level)
+    except ClientError as exc:
+        conn.close()
+        return usage(str(exc))
 
     out = open(args.events, "a", encoding="utf-8") if args.events else sys.stdout
     metrics = MonitorMetrics()
     if args.metrics_port is not None:
         port = metrics.serve(args.metrics_port)
         print(f"monitor metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr, flush=True)
-    monitor = Monitor(conn, EventLog(out), metrics, args.level, args.window, args.alert_rate,
+    monitor = Monitor(conn, served, EventLog(out), metrics, args.level, args.window, args.alert_rate,
                       realtime=args.realtime)
     files = [Path(f) for f in args.files]
     watcher = DirectoryWatcher(watch) if watch is not None else None
@@ -315,7 +335,7 @@ def _start_mic(monitor: Monitor, args):
     from clients.mic import MicSession, resolve_device
 
     tracker = monitor.tracker("mic")
-    session = MicSession(monitor.conn, device=resolve_device(args.device), levels=[monitor.level],
+    session = MicSession(monitor.conn, monitor.sample_rate, device=resolve_device(args.device), levels=[monitor.level],
                          view_level=monitor.level, on_response=tracker.add)
 
     session.done = threading.Event()
@@ -325,11 +345,11 @@ def _start_mic(monitor: Monitor, args):
         try:
             session.run(on_start=lambda _stream: print("monitoring the microphone", file=sys.stderr, flush=True))
             if session.error is not None:
-                monitor._failed("mic", describe_rpc_error(session.error))
+                monitor.failed("mic", describe_rpc_error(session.error))
             else:
-                tracker.finish(session.samples_sent / SAMPLE_RATE)
+                tracker.finish(session.samples_sent / monitor.sample_rate)
         except ClientError as exc:
-            monitor._failed("mic", str(exc))
+            monitor.failed("mic", str(exc))
         finally:
             monitor.metrics.active.dec()
             session.done.set()

@@ -1,31 +1,36 @@
 """`python -m clients.stream AUDIO --server HOST:PORT --out X.npz`: stream a file through the service.
 
 Saves the same arrays as `python -m train.encode` (m1 m2 m3 ar, kl_m1 kl_m2 kl_m3) plus the OOD
-results (see clients.encoding for every name), and prints an OOD timeline summary.
+results (see clients.collector for every name), and prints an OOD timeline summary. The file is
+converted to mono at the served model's sample rate (from the Info RPC).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from clients.audio import AudioFileError, read_audio, resample
+from clients.collector import TIMELINE_LEVEL, FrameCollector, flagged_stretches
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
-from clients.encoding import TIMELINE_LEVEL, FrameCollector, file_requests, flagged_stretches
+from clients.requests import file_requests
+from clients.served_model import ServedModel, fetch
 from clients.view import ood_timeline
-from protos.sim.v1 import sim_pb2 as pb
-from train.audio import HOP, SAMPLE_RATE, AudioError, level_hops, load_audio
+from protos.sim.v2 import sim_pb2 as pb
 
 
-def encode_file(conn, audio: np.ndarray, *, chunk_samples: int = 1600, realtime: bool = False,
+def encode_file(conn, audio: np.ndarray, sample_rate: int, *, chunk_samples: int = 1600, realtime: bool = False,
                 levels=(), return_logvar: bool = False, encoding: int = pb.FLOAT32,
                 timeline_level: str = TIMELINE_LEVEL, progress=None) -> dict[str, np.ndarray]:
-    """Stream one waveform; the collected arrays. Raises grpc.RpcError when the server ends the call."""
+    """Stream one waveform (at the served sample_rate); the collected arrays. Raises grpc.RpcError
+    when the server ends the call."""
     collector = FrameCollector(timeline_level)
-    requests = file_requests(audio, chunk_samples, realtime=realtime, levels=levels, return_logvar=return_logvar,
-                             encoding=encoding)
+    requests = file_requests(audio, sample_rate, chunk_samples, realtime=realtime, levels=levels,
+                             return_logvar=return_logvar, encoding=encoding)
     for resp in conn.stub.StreamEncode(requests, metadata=conn.metadata):
         collector.add(resp)
         if progress is not None:
@@ -33,13 +38,14 @@ def encode_file(conn, audio: np.ndarray, *, chunk_samples: int = 1600, realtime:
     return collector.arrays()
 
 
-def summary(name: str, arrays: dict[str, np.ndarray], n_samples: int, level: str, width: int = 100) -> str:
-    lines = [f"{name}: {n_samples / SAMPLE_RATE:.2f} s; frames " +
-             ", ".join(f"{lv} {arrays[lv].shape[0]}" for lv in ("m1", "m2", "m3", "ar") if lv in arrays)]
+def summary(name: str, arrays: dict[str, np.ndarray], n_samples: int, level: str, served: ServedModel,
+            width: int = 100) -> str:
+    lines = [f"{name}: {n_samples / served.sample_rate:.2f} s; frames " +
+             ", ".join(f"{lv} {arrays[lv].shape[0]}" for lv in served.levels if lv in arrays)]
     if f"ood_{level}" not in arrays:
         return "\n".join(lines)
     ood = arrays[f"ood_{level}"]
-    frame_s = level_hops()[level] / SAMPLE_RATE
+    frame_s = served.frame_seconds(level)
     n_flag = int(ood.sum())
     lines.append(f"OOD ({level}): {n_flag} of {ood.size} frames flagged ({100.0 * n_flag / max(ood.size, 1):.1f} %)")
     stretches = flagged_stretches(ood, frame_s)
@@ -51,6 +57,16 @@ def summary(name: str, arrays: dict[str, np.ndarray], n_samples: int, level: str
     lines.append(f"timeline ({per_char * frame_s * 1000:.0f} ms per char, '!' flagged, '#' mostly flagged):")
     lines.append("  " + ood_timeline(ood, per_char))
     return "\n".join(lines)
+
+
+def progress_bar(total: int):
+    """A tqdm bar on stderr counting top-level frames, or a context of None where tqdm is not
+    installed (it comes with the training extra, not with the clients)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, unit="frame", desc="streaming", file=sys.stderr, disable=None, leave=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,24 +91,30 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --chunk-samples must be at least 1", file=sys.stderr)
         return 2
     try:
-        audio = load_audio(args.audio, allow_resample=True, mixdown=True)
+        audio, rate = read_audio(args.audio)
         conn = connect(args)
-    except (AudioError, ClientError) as exc:
+    except (AudioFileError, ClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        served = fetch(conn)
+    except ClientError as exc:
+        conn.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    audio = resample(audio, rate, served.sample_rate)
     levels = [lv for lv in args.levels.split(",") if lv]
     encoding = pb.LINEAR16 if args.encoding == "linear16" else pb.FLOAT32
-    from tqdm import tqdm
-
-    total = max(1, int(np.ceil(len(audio) / HOP)))
-    with tqdm(total=total, unit="frame", desc="streaming", file=sys.stderr, disable=None, leave=False) as bar:
+    total = max(1, int(np.ceil(len(audio) / served.hop)))
+    top = [lv for lv, spec in served.levels.items() if spec.hop_samples == served.hop]  # frames of a hop
+    with progress_bar(total) as bar:
         def progress(col: FrameCollector) -> None:
-            done = max((col.count(lv) for lv in ("m3", "ar") if lv in col.levels), default=0)
-            bar.update(done - bar.n)
+            if bar is not None:
+                bar.update(max((col.count(lv) for lv in top), default=0) - bar.n)
 
         try:
-            arrays = encode_file(conn, audio, chunk_samples=args.chunk_samples, realtime=args.realtime,
-                                 levels=levels, return_logvar=args.logvar, encoding=encoding,
+            arrays = encode_file(conn, audio, served.sample_rate, chunk_samples=args.chunk_samples,
+                                 realtime=args.realtime, levels=levels, return_logvar=args.logvar, encoding=encoding,
                                  timeline_level=args.timeline_level, progress=progress)
         except grpc.RpcError as exc:
             print(f"error: the server ended the stream: {describe_rpc_error(exc)}", file=sys.stderr)
@@ -103,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
     level = args.timeline_level if f"ood_{args.timeline_level}" in arrays else next(
-        (lv for lv in ("m3", "ar", "m2", "m1") if f"ood_{lv}" in arrays), args.timeline_level)
-    print(summary(args.audio, arrays, len(audio), level))
+        (lv for lv in reversed(list(served.levels)) if f"ood_{lv}" in arrays), args.timeline_level)
+    print(summary(args.audio, arrays, len(audio), level, served))
     print(f"saved {out}")
     return 0
 

@@ -6,7 +6,7 @@ Per level:
 - reference scores on the frames of the OTHER half (so the Gaussian is not scored on its own
   fitting data): `maha` for every level, `kl` (to N(0, I)) for SIM's conv levels;
 - the threshold at false-positive rate fpr: the (1 - fpr) quantile of the reference scores;
-  p-values come from export.manifest.p_value over the stored sorted reference.
+  p-values come from serve.scoring.p_value over the stored sorted reference.
 
 The primary score of a level is "kl" for SIM's conv levels (the posterior's distance to the prior,
 docs/method.md) and "maha" for everything else (GIM and CPC have no trained variance; the GRU has none).

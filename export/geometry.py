@@ -1,4 +1,4 @@
-"""Streaming geometry derived from train.audio.CONV_LAYERS. Torch-free (the runtime and serve use it).
+"""Streaming geometry derived from train.audio.CONV_LAYERS: cache sizes, outputs per step and flush, state.
 
 A fixed-shape streaming step consumes one hop (HOP = 160 samples) per stream and keeps, per conv
 layer, a cache of the not-yet-consumed tail of that layer's input. docs/streaming.md explains why
@@ -6,8 +6,7 @@ these sizes reproduce the offline model's zero padding exactly.
 """
 from __future__ import annotations
 
-from train import audio
-from train.audio import AR, CONV_LAYERS, HOP
+from train.audio import CONV_LAYERS, HOP
 
 STEP_SAMPLES = HOP  # samples per stream consumed by one streaming step
 
@@ -46,20 +45,6 @@ def flush_outputs() -> tuple[int, ...]:
     return tuple(out)
 
 
-def module_layers(method: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Conv modules (level name, layer ids) of a method: greedy (sim, gim) or end to end (cpc)."""
-    return audio.conv_modules(method)
-
-
-def level_layer(method: str) -> dict[str, int]:
-    """The conv layer whose output each conv level is (ar follows the last)."""
-    return audio.level_layers(method)
-
-
-def levels(method: str) -> tuple[str, ...]:
-    return audio.levels(method)
-
-
 def state_spec(channels: int, hidden: int) -> list[dict]:
     """Streaming state tensors, shapes without the batch axis. Zero is the initial value of each.
     Conv caches are time-major: (frames, channels)."""
@@ -71,13 +56,13 @@ def state_spec(channels: int, hidden: int) -> list[dict]:
     return spec
 
 
-def level_frames_per_graph(method: str) -> dict[str, dict[str, int]]:
-    """Frames each graph emits per call and level: {"step": {level: n}, "flush": {level: n}}."""
-    lay = level_layer(method)
+def level_frames_per_graph(dims) -> dict[str, dict[str, int]]:
+    """Frames each graph emits per call and level: {"step": {level: n}, "flush": {level: n}}, for a
+    model of these train.model.ModelDims (its conv modules end at their levels' layers; ar follows m3)."""
     res = {}
     for graph, counts in (("step", step_outputs()), ("flush", flush_outputs())):
-        per = {name: counts[i] for name, i in lay.items()}
-        per[AR] = counts[-1]
+        per = {name: counts[layers[-1]] for name, layers in dims.modules}
+        per["ar"] = per["m3"]
         res[graph] = per
     return res
 

@@ -21,21 +21,22 @@ from tqdm import tqdm
 from export import calibration
 from export.geometry import cache_sizes, level_frames_per_graph, state_spec
 from export.graphs import OPSET, ArGraph, DecoderGraph, EncoderGraph, ModuleGraph, write_onnx
-from export.manifest import FORMAT, MANIFEST, sha256_file, write_manifest
+from export.manifest import write_manifest
 from export.offline import offline_levels
-from export.runtime import StreamingModel, providers
 from export.streaming import StreamingFlush, StreamingStep, level_dims_of
+from export.streams import CHUNK_PLANS, random_mix_plans
 from export.verify import (
-    CHUNK_PLANS,
     Report,
     VerificationError,
     audio_cases,
-    random_mix_plans,
     verify_decoder_graphs,
     verify_offline_graphs,
     verify_step_graphs,
     verify_streaming,
 )
+from serve.model_dir import FORMAT, MANIFEST, sha256_file
+from serve.onnx_sessions import providers
+from serve.runtime import StreamingModel
 from train.audio import HOP, LEFT_REACH, LOOKAHEAD, RECEPTIVE_FIELD, SAMPLE_RATE, AudioError, level_hops, load_audio
 from train.checkpoint import CheckpointError, code_version, load_encoder
 from train.cli import int_at_least
@@ -62,7 +63,7 @@ def geometry(dims) -> dict:
     return {"sample_rate": SAMPLE_RATE, "hop": HOP, "receptive_field": RECEPTIVE_FIELD, "left_reach": LEFT_REACH,
             "lookahead": LOOKAHEAD, "level_hops": {k: v for k, v in level_hops().items() if k in dims.levels},
             "step_samples": HOP, "cache_sizes": list(cache_sizes()),
-            "frames_per_call": level_frames_per_graph(dims.method),
+            "frames_per_call": level_frames_per_graph(dims),
             "state": state_spec(dims.channels, dims.hidden)}
 
 

@@ -11,9 +11,8 @@ get two int8 parts per weight (see quantization_targets). The first conv (raw au
 per frame) and the GRU stay fp32.
 
 Activation scales are the 0.01st and 99.99th percentiles of each quantized input on the
-calibration clips rather than its min and max: on the default CPU-trained model that took the
-worst level's error from 5.2 % to 3.6 % (cross-layer equalization was tried as well and made it
-worse, so it is not used). On CPUs with AVX512-VNNI the step runs ~2x faster (docs/benchmarks.md).
+calibration clips rather than its min and max: a few outliers would otherwise stretch the scale of
+every frame (the measurements, and what else was tried: docs/benchmarks.md).
 
 The int8 model is an approximation of the fp32 one, so the export measures it instead of
 asserting equality: per level, the relative RMS error and the lowest per-frame cosine similarity
@@ -34,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from export import calibration
-from export.runtime import StreamingModel, encode_streams
+from export.streams import StepGraphs, encode_streams
+from serve.runtime import StreamingModel
 
 STEP, STEP_FP32 = "step.onnx", "step.fp32.onnx"
 MAX_REL_RMS = 0.05  # int8 latents further than this from fp32 (relative RMS, any level) fail the export
@@ -53,8 +53,8 @@ def quantization_targets(model_path: Path, conv_kernels: set[int], channels: int
     - per-row (export.rowquant): the Mahalanobis scorers (/<level>/Gemm) and the posterior heads
       (`channels` inputs per row) of every module;
     - two-part: of those, the first module's heads get each weight as two int8 parts (about 15
-      bits): the m1 latents are a small difference of large products there, and one int8 part
-      alone took m1's error on the default model from 3.2 % to 4.4 % (two parts: 3.3 %)."""
+      bits): the m1 latents are a small difference of large products there, which one int8 part
+      rounds too coarsely (docs/benchmarks.md)."""
     import onnx
 
     graph = onnx.load(str(model_path)).graph
@@ -79,7 +79,7 @@ def conv_inputs(encoder) -> set[int]:
     return {c.weight.shape[1] * c.weight.shape[2] for c in convs[1:]}
 
 
-def step_feeds(model: StreamingModel, audios: list[np.ndarray], max_feeds: int, seed: int) -> list[dict]:
+def step_feeds(model: StepGraphs, audios: list[np.ndarray], max_feeds: int, seed: int) -> list[dict]:
     """Inputs of the fp32 step graph while it streams the clips (batch of one), at most max_feeds of them."""
     feeds = []
     for audio in audios:
@@ -116,7 +116,7 @@ def quantize_step(model_dir: Path, audios: list[np.ndarray], nodes: list[str], r
     shutil.copyfile(int8_path, fp32_path)
     if not nodes:
         raise RuntimeError(f"{fp32_path}: found no conv Gemm nodes to quantize")
-    feeds = step_feeds(StreamingModel(model_dir, verify=False), audios, max_feeds, seed)
+    feeds = step_feeds(StepGraphs(model_dir), audios, max_feeds, seed)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

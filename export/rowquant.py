@@ -14,13 +14,12 @@ batch, and the error stays near the 8-bit rounding of that row:
 Two-part weights (the `two_part` Gemms): W ~ W_q * w_scale + W_lo * w_scale / 254, W_lo the int8
 rounding of what W_q's rounding left, so a weight keeps about 15 bits. Both parts go through ONE
 MatMulInteger (columns side by side) whose two halves are added after their column scales; it
-costs twice the int8 work of one part, still about half the fp32 Gemm's time on AVX512-VNNI.
+costs twice the int8 work of one part.
 
 The per-row product is applied after the per-column one: onnxruntime's MatMulIntegerToFloat
 fusion folds MatMulInteger, Cast and the Mul after them into one kernel, correct for a per-column
-scale but not for a per-row one (onnxruntime 1.31.1: 13 % error with the row scale in that Mul,
-0.8 % with that fusion disabled or with the order used here). tests/test_quantize.py checks the
-rewritten Gemm against numpy's integer arithmetic.
+scale but not for a per-row one (docs/benchmarks.md has the error it caused). tests/test_quantize.py
+checks the rewritten Gemm against numpy's integer arithmetic.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 1. Every graph, onnxruntime vs torch, on corpus audio and random audio (and, for the step and
    flush graphs, on the states a real stream goes through): max abs error / signal scale <= TOL.
-2. The streaming graphs through export.runtime over whole utterances, in chunks of 1, 159, 160,
+2. The streaming graphs through the serving runtime (serve.runtime) over whole utterances, in chunks of 1, 159, 160,
    161, 4000 samples and random mixes, all streams batched together: frame counts equal the offline
    counts and every frame (first and last included) equals the offline run of the whole utterance.
 Any failure raises VerificationError listing every failing comparison with its numbers.
@@ -17,14 +17,15 @@ import torch
 
 from export.graphs import ArGraph, DecoderGraph, EncoderGraph, ModuleGraph
 from export.offline import offline_levels
-from export.runtime import StreamingModel, encode_streams, make_session
 from export.scores import make_scorers
 from export.streaming import StreamingFlush, StreamingStep, level_dims_of
+from export.streams import encode_streams
+from serve.onnx_sessions import make_session
+from serve.runtime import StreamingModel
 from train.audio import HOP, level_frames
 from train.model import Encoder
 
 TOL = 1e-4
-CHUNK_PLANS = {"1": [1], "159": [159], "160": [160], "161": [161], "4000": [4000]}
 
 
 class VerificationError(RuntimeError):
@@ -174,17 +175,6 @@ def verify_decoder_graphs(out_dir: Path, encoder: Encoder, decoders: dict[str, t
         for case, z in inputs.items():
             got = _ort(out_dir / f"decoder_{level}.onnx", {"latents": z})["audio"]
             report.compare(f"decoder_{level}.onnx [{case}] audio", got, _torch(graph, z)[0])
-
-
-def random_mix_plans(rng: np.random.Generator, n: int = 2) -> dict[str, list[int]]:
-    """Random chunk sizes: mostly small (1..400), some around a hop, some large (up to 4000)."""
-    plans = {}
-    for i in range(n):
-        sizes = np.concatenate([rng.integers(1, 400, 40), rng.choice([1, 159, 160, 161, 320, 4000], 20),
-                                rng.integers(1, 4001, 8)])
-        rng.shuffle(sizes)
-        plans[f"mix{i}"] = [int(s) for s in sizes]
-    return plans
 
 
 def verify_streaming(model: StreamingModel, encoder: Encoder, gaussians: dict | None,

@@ -1,7 +1,7 @@
 """Regenerate the checked-in Python code for the service API: `python protos/generate.py`.
 
 Runs grpcio-tools' bundled protoc on every .proto under protos/ with the repository root as
-the include path, so the generated modules import each other as `protos.sim.v1.sim_pb2` and
+the include path, so the generated modules import each other as `protos.sim.v2.sim_pb2` and
 the package installs with the rest of the project. `--check` regenerates into a temporary
 folder and exits 1 if anything differs from the checked-in files (used by the tests).
 """

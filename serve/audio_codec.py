@@ -4,10 +4,9 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from protos.sim.v1 import sim_pb2 as pb
+from protos.sim.v2 import codec
+from protos.sim.v2 import sim_pb2 as pb
 from serve.errors import StreamError
-
-SUPPORTED = {pb.LINEAR16: ("LINEAR16", np.dtype("<i2")), pb.FLOAT32: ("FLOAT32", np.dtype("<f4"))}
 
 
 def encoding_name(encoding: int) -> str:
@@ -18,29 +17,26 @@ def encoding_name(encoding: int) -> str:
 
 
 def check_encoding(encoding: int) -> None:
-    if encoding not in SUPPORTED:
+    if encoding not in codec.SAMPLE_DTYPES:
         raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                           f"config.encoding {encoding_name(encoding)} is not supported; use LINEAR16 or FLOAT32")
 
 
 def check_length(data: bytes, encoding: int) -> int:
     """Samples in one audio message; StreamError if its byte count does not fit the encoding."""
-    name, dtype = SUPPORTED[encoding]
-    if len(data) % dtype.itemsize:
+    size = codec.SAMPLE_DTYPES[encoding].itemsize
+    if len(data) % size:
         raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{name} audio message has {len(data)} bytes, not a multiple of {dtype.itemsize}")
-    return len(data) // dtype.itemsize
+                          f"{encoding_name(encoding)} audio message has {len(data)} bytes, not a multiple of {size}")
+    return len(data) // size
 
 
 def decode_audio(data: bytes, encoding: int, first_sample: int = 0) -> np.ndarray:
-    """Samples as float32 (LINEAR16 scaled by 1/32768). Raises StreamError. `first_sample`: where in
-    the stream the data starts (for the error message)."""
+    """Samples as float32. Raises StreamError. `first_sample`: where in the stream the data starts
+    (for the error message)."""
     check_length(data, encoding)
-    raw = np.frombuffer(data, dtype=SUPPORTED[encoding][1])
-    if encoding == pb.LINEAR16:
-        return raw.astype(np.float32) * np.float32(1.0 / 32768.0)
-    samples = raw.astype(np.float32)  # native byte order, and a writable copy
-    if not np.isfinite(samples).all():
+    samples = codec.decode_samples(data, encoding)
+    if encoding == pb.FLOAT32 and not np.isfinite(samples).all():
         bad = first_sample + int(np.flatnonzero(~np.isfinite(samples))[0])
         raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
                           f"FLOAT32 audio contains NaN or infinite samples (first at sample {bad} of the stream)")

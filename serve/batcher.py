@@ -1,8 +1,8 @@
 """The batching loop on the event loop: collects what every stream received since the last tick, has
 the engine (serve.engine) step all streams together, and queues each stream's response.
 
-Pipelined: while the engine runs tick k+1, the event loop keeps receiving and sending and queues
-the responses of tick k (with the thread engine it also builds them then). Audio arriving during
+Pipelined: while the engine runs tick k+1, the event loop keeps receiving and sending, and builds
+and queues the responses of tick k. Audio arriving during
 a tick waits for the next one: under load the batches grow instead of the queue.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from serve.engine import EngineDied, TickReply, TickRequest
+from serve.engine import EngineThread, TickReply, TickRequest
 from serve.errors import StreamError
 from serve.metrics import Metrics
 from serve.session import END, StreamSession
@@ -21,9 +21,9 @@ log = logging.getLogger("serve.batcher")
 
 
 class Batcher:
-    def __init__(self, engine, metrics: Metrics, sample_rate: int, max_queued_responses: int = 256,
+    def __init__(self, engine: EngineThread, metrics: Metrics, sample_rate: int, max_queued_responses: int = 256,
                  batch_wait_s: float = 0.0):
-        self.engine = engine  # serve.engine.ThreadEngine or ProcessEngine
+        self.engine = engine
         self.metrics = metrics
         self.sample_rate = sample_rate
         self.max_queued = max_queued_responses
@@ -83,24 +83,16 @@ class Batcher:
             try:
                 previous = await future
                 self._more = previous.more
-            except EngineDied as exc:
-                log.error("%s; restarting it", exc)
-                self._fail_all(StreamError(grpc.StatusCode.INTERNAL, "the server's model process failed; "
-                                                                     "retry the stream"), engine_lost=True)
-                self._more = False
-                await self.engine.restart()
             except Exception as exc:  # a server bug: fail the streams, keep serving
                 log.exception("tick failed")
-                self._fail_all(StreamError(grpc.StatusCode.INTERNAL, f"streaming step failed: {exc}"),
-                               engine_lost=False)
+                self._fail_all(StreamError(grpc.StatusCode.INTERNAL, f"streaming step failed: {exc}"))
                 self._more = False
 
-    def _fail_all(self, err: StreamError, engine_lost: bool) -> None:
-        """End every stream with err; unless the engine (and every state in it) is gone, tell it to
-        drop them."""
+    def _fail_all(self, err: StreamError) -> None:
+        """End every stream with err and tell the engine to drop them."""
         for s in self.sessions.values():
             s.fail(err)
-        self._removed = [] if engine_lost else [*self._removed, *self.sessions]
+        self._removed = [*self._removed, *self.sessions]
         self._opens = []
         self.sessions.clear()
 

@@ -14,7 +14,7 @@ from serve.servicer import Limits
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m serve",
-        description="Serve an exported SIM/GIM/CPC model over gRPC (sim.v1.SimEncoder): stream 16 kHz audio in, "
+        description="Serve an exported SIM/GIM/CPC model over gRPC (sim.v2.SimEncoder): stream 16 kHz audio in, "
                     "get latent frames and calibrated OOD scores back. Prints 'listening on HOST:PORT' when ready. "
                     "SIGTERM drains: health turns NOT_SERVING, open streams get --drain-grace seconds to finish.",
 )
@@ -42,10 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-spin", dest="spin", action="store_false",
                     help="stop onnxruntime's threads from busy-waiting: saves about a core while idle, but costs "
                          "tail latency under load (default: spinning on)")
-    ap.add_argument("--engine", choices=("thread", "process"), default="thread",
-                    help="where the model's batched steps run: a worker thread of the server process, or a child "
-                         "process (its own GIL; if it crashes, its streams end INTERNAL and a new one starts; "
-                         "about 15%% more server CPU on the 2-core dev VM for the same capacity) (default %(default)s)")
     ap.add_argument("--batch-wait-ms", type=float, default=0.0,
                     help="when audio arrives, wait this long for other streams before running a batch (default %(default)s)")
     ap.add_argument("--workers", type=int, default=1,
@@ -90,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return supervise(list(sys.argv[1:] if argv is None else argv), args.workers, args.host, args.port,
                          args.metrics_port)
 
-    from export.manifest import ManifestError
     from serve.auth import TokenError, read_token
+    from serve.model_dir import ManifestError
     from serve.server import Server, ServerOptions
 
     try:
@@ -102,12 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         model_dir=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, drain_grace_seconds=args.drain_grace,
         threads=args.threads, spin=args.spin, reuse_port=args.reuse_port, batch_wait_s=args.batch_wait_ms / 1000.0,
-        engine=args.engine,
         limits=Limits(max_message_bytes=args.max_message_bytes, max_streams=args.max_streams,
                       max_stream_seconds=args.max_stream_seconds, idle_timeout_seconds=args.idle_timeout))
     try:
         server = Server(opts)
-    except (ManifestError, RuntimeError) as exc:  # RuntimeError: the engine process could not load the model
+    except ManifestError as exc:
         return fail(str(exc))
 
     def ready(s: Server) -> None:

@@ -1,18 +1,11 @@
 """The model side of serving: every stream's audio buffer and recurrent state, the batched steps and
-the response bytes, one tick at a time.
+the response bytes, one tick at a time, on a worker thread of the server process.
 
 The gRPC side (serve.batcher, on the event loop) sends a TickRequest (streams opened, raw audio
-bytes received, half-closes, streams gone) and gets a TickReply (each stepped stream's serialised
-response, whether it is complete, how far it has been processed, and stream errors). Nothing in
-between is shared, so the engine can run
-
-- on a worker thread of the server process (ThreadEngine, the default): onnxruntime releases the
-  GIL while a graph runs; the rest of a tick shares the GIL with the event loop; or
-- in a child process (ProcessEngine, `--engine process`): the model's Python work (state gather
-  and scatter, frame collection, scoring, response bytes) has its own GIL, and a crash of the
-  model's process ends only its streams (with INTERNAL) before a new one starts. On the 2-core
-  development VM it holds the same number of streams for about 15 % more server CPU
-  (docs/benchmarks.md, 2026-12-01).
+bytes received, half-closes, streams gone) and gets a TickReply (each stepped stream's response,
+whether it is complete, how far it has been processed, and stream errors). onnxruntime releases the
+GIL while a graph runs; the rest of a tick shares the GIL with the event loop, and a tick's
+responses are built on the event loop while the worker already runs the next tick.
 
 Each tick hands every stream its newly received audio, up to the hops `tick_hops` allows, and runs
 `StreamingModel.decode_streams` once over all streams with work. Every stream keeps its own state,
@@ -22,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import signal
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -34,7 +24,8 @@ from grpc import StatusCode
 
 from serve.audio_codec import decode_audio
 from serve.errors import StreamError
-from serve.frames import FrameBuilder, ScoredFrames
+from serve.responses import ResponseBuilder
+from serve.scoring import ScoredFrames
 
 log = logging.getLogger("serve.engine")
 CATCH_UP_HOPS = 3  # a stream this many hops behind steps all of them (up to max_hops) at once
@@ -45,10 +36,10 @@ def tick_hops(available: list[int], max_hops: int) -> int:
     half of the streams with a hop ready have, at most max_hops. (Streams CATCH_UP_HOPS or more
     behind step all theirs, up to max_hops.)
 
-    A graph run costs ~0.6-0.75 ms on top of ~0.35 ms per stream (int8 step, one thread, this VM),
-    so a second run for the one or two real-time streams whose next message came early costs more
-    than stepping that hop with everyone in the next tick; a file streamed faster than real time,
-    alone or with others like it, still steps many hops per tick."""
+    Every graph run has a fixed cost on top of its per-stream cost, so a second run for the one or
+    two real-time streams whose next message came early costs more than stepping that hop with
+    everyone in the next tick; a file streamed faster than real time, alone or with others like
+    it, still steps many hops per tick."""
     ready = sorted((a for a in available if a > 0), reverse=True)
     return max(1, min(ready[(len(ready) - 1) // 2], max_hops)) if ready else 1
 
@@ -99,7 +90,7 @@ class Engine:
 
     def __init__(self, model, max_hops_per_tick: int = 8):
         self.model = model
-        self.builder = FrameBuilder(model.manifest, model.level_hops)
+        self.builder = ResponseBuilder(model.manifest, model.levels)
         self.max_hops = max_hops_per_tick
         self.streams: dict[int, _Stream] = {}
 
@@ -194,13 +185,9 @@ class Engine:
         return batch
 
 
-# --- where the engine runs -----------------------------------------------------------------------
-class ThreadEngine:
-    """The engine on one worker thread of this process (onnxruntime releases the GIL while a graph
-    runs; the rest of a tick shares the GIL with the event loop). A tick's responses are built by
-    finish() on the event loop, while the worker already runs the next tick."""
-
-    kind = "thread"
+class EngineThread:
+    """An Engine on one worker thread of this process. A tick's responses are built by finish() on
+    the event loop, while the worker already runs the next tick."""
 
     def __init__(self, model, max_hops_per_tick: int = 8):
         self.engine = Engine(model, max_hops_per_tick)
@@ -214,129 +201,3 @@ class ThreadEngine:
 
     async def stop(self) -> None:
         self._executor.shutdown(wait=True)
-
-
-class EngineDied(RuntimeError):
-    """The engine process ended unexpectedly: every stream's state is gone."""
-
-
-def _engine_process(conn, model_dir: str, threads: int | None, spin: bool, max_hops: int) -> None:
-    """Child process: load the model, then answer TickRequests until told to stop (None) or the
-    server process goes away (EOF)."""
-    # Ctrl-C in a terminal, or a service manager's SIGTERM to the whole group: the server drains its
-    # streams first and then stops this process; it ends by itself if the server process dies (EOF)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        from export.runtime import StreamingModel
-
-        engine = Engine(StreamingModel(model_dir, verify=False, intra_op_threads=threads, spin=spin), max_hops)
-    except Exception as exc:
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(("ready", engine.model.step_precision))
-    while True:
-        try:
-            req = conn.recv()
-        except (EOFError, OSError):
-            return
-        if req is None:
-            return
-        try:
-            reply = engine.tick(req)
-        except Exception:  # a bug outside the step (the step's own failures are stream errors)
-            reply = traceback.format_exc()
-        conn.send(reply)
-
-
-class ProcessEngine:
-    """The engine in a child process, one tick in flight at a time over a pipe. The event loop
-    waits for a reply with add_reader, so it keeps serving gRPC meanwhile."""
-
-    kind = "process"
-
-    def __init__(self, model_dir: str, threads: int | None = None, spin: bool = True, max_hops_per_tick: int = 8,
-                 start_timeout_s: float = 120.0):
-        self._args = (str(model_dir), threads, spin, max_hops_per_tick)
-        self._timeout = start_timeout_s
-        self._start()
-
-    def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_engine_process, args=(child, *self._args), name="sim-engine", daemon=True)
-        self._proc.start()
-        child.close()
-        if not self._conn.poll(self._timeout):
-            self._proc.kill()
-            raise RuntimeError(f"the engine process did not start within {self._timeout:g} s")
-        try:
-            status, detail = self._conn.recv()
-        except EOFError:
-            status, detail = "failed", f"exit code {self._proc.exitcode}"
-        if status != "ready":
-            self._proc.join(5)
-            raise RuntimeError(f"the engine process failed to load the model: {detail}")
-
-    def finish(self, reply: TickReply) -> TickReply:
-        return reply  # built in the engine process
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    async def tick(self, req: TickRequest) -> TickReply:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        fd = self._conn.fileno()
-
-        def readable() -> None:
-            loop.remove_reader(fd)
-            if future.done():
-                return
-            try:
-                reply = self._conn.recv()  # a whole message: the child is writing the rest right now
-            except Exception as exc:  # EOF: it died; anything else: the pipe is out of step, end it
-                self._proc.kill()
-                self._proc.join(5)
-                future.set_exception(EngineDied(f"the engine process ended (exit code {self._proc.exitcode}): "
-                                                f"{type(exc).__name__} {exc}"))
-                return
-            if isinstance(reply, str):
-                future.set_exception(RuntimeError(f"engine tick failed:\n{reply}"))
-            else:
-                future.set_result(reply)
-
-        try:
-            self._conn.send(req)
-        except (BrokenPipeError, OSError) as exc:
-            raise EngineDied(f"the engine process ended (exit code {self._proc.exitcode}): {exc}") from None
-        loop.add_reader(fd, readable)
-        try:
-            return await future
-        finally:
-            loop.remove_reader(fd)
-
-    async def restart(self) -> None:
-        """A fresh engine process after the old one died (its streams are lost)."""
-        self._proc.join(0)
-        self._conn.close()
-        await asyncio.get_running_loop().run_in_executor(None, self._start)
-
-    async def stop(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self._stop)
-
-    def _stop(self) -> None:
-        """Tell the child to end and read until it has (a reply to a tick cancelled mid-flight may
-        still be on its way: the child could not read the stop while blocked writing it)."""
-        try:
-            self._conn.send(None)
-            while self._conn.poll(10):
-                self._conn.recv()
-        except (EOFError, OSError):
-            pass
-        self._proc.join(5)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
-        self._conn.close()

@@ -85,7 +85,7 @@ class Metrics:
         self.decode_requests = Counter("sim_decode_requests", "Decode calls by outcome", ["outcome"], registry=r)
 
     def count_frames(self, by_level: dict[str, list]) -> None:
-        """One tick's scored frames (serve.frames.ScoredFrames per stream, grouped by level): frame
+        """One tick's scored frames (serve.scoring.ScoredFrames, grouped by level): frame
         and flagged counters and the score histogram, one update per level instead of per stream."""
         for level, parts in by_level.items():
             scores = parts[0].score if len(parts) == 1 else np.concatenate([p.score for p in parts])

@@ -13,17 +13,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from protos.sim.v1 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2 as pb
 from serve.auth import TokenInterceptor
 from serve.batcher import Batcher
 from serve.decoders import DecoderBank
-from serve.engine import ProcessEngine, ThreadEngine
+from serve.engine import EngineThread
 from serve.metrics import Metrics
 from serve.servicer import Limits, SimEncoderServicer, add_servicer
 
 log = logging.getLogger("serve")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SimEncoder"].full_name  # "sim.v1.SimEncoder"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SimEncoder"].full_name  # "sim.v2.SimEncoder"
 
 
 @dataclass
@@ -42,29 +42,22 @@ class ServerOptions:
     spin: bool = True  # onnxruntime's threads busy-wait between steps (lower tail latency; a core when idle)
     max_hops_per_tick: int = 8
     batch_wait_s: float = 0.0
-    engine: str = "thread"  # where the model runs: "thread" (a worker thread) or "process" (see serve.engine)
 
 
 class Server:
     """One model served on one port. start() / wait() / drain(); or run() for all three."""
 
     def __init__(self, opts: ServerOptions):
-        from export.runtime import ModelInfo, StreamingModel, providers
+        from serve.runtime import StreamingModel
 
         self.opts = opts
         self.threads = opts.threads if opts.threads is not None else auto_threads(opts.model_dir)
-        if opts.engine == "process":
-            self.model = ModelInfo(opts.model_dir, verify=True)
-            self.engine = ProcessEngine(opts.model_dir, self.threads, opts.spin, opts.max_hops_per_tick)
-        elif opts.engine == "thread":
-            self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=self.threads, spin=opts.spin)
-            self.engine = ThreadEngine(self.model, opts.max_hops_per_tick)
-        else:
-            raise ValueError(f"engine must be 'process' or 'thread', got {opts.engine!r}")
-        log.info("streaming step: %s on %s, onnxruntime intra-op threads: %s", self.model.step_precision,
-                 "a child process" if opts.engine == "process" else "a worker thread", self.threads or "one per core")
+        self.model = StreamingModel(opts.model_dir, verify=True, intra_op_threads=self.threads, spin=opts.spin)
+        self.engine = EngineThread(self.model, opts.max_hops_per_tick)
+        log.info("streaming step: %s, onnxruntime intra-op threads: %s", self.model.step_precision,
+                 self.threads or "one per core")
         self.metrics = Metrics()
-        self.decoders = DecoderBank(self.model.dir, self.model.manifest, self.model.level_dims, providers())
+        self.decoders = DecoderBank(self.model)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._metrics_http = None
@@ -151,17 +144,10 @@ class Server:
 
 
 def auto_threads(model_dir: str) -> int | None:
-    """onnxruntime intra-op threads when none are asked for: one for an int8 step, onnxruntime's
-    default (one per core) otherwise.
-
-    Measured on the 2-core VM (docs/benchmarks.md): the int8 step of 12-16 streams takes 6-8 ms on
-    one thread, so one thread keeps up and leaves the other core to gRPC, the event loop and the
-    clients, while two threads stall each other and them (12 streams: 3/3 runs within the p99
-    bound on one thread, 2/3 on two). The fp32 step needs both cores (one thread: no count passed).
-    Two int8 threads that sleep between steps (`--threads 2 --no-spin`) won some stretches of a
-    later test and lost over more runs (2026-12-01, 16 streams: 13/24 runs within the bound against
-    17/24 on one thread, for ~20 % more server CPU)."""
-    from export.manifest import ManifestError, load_manifest, step_precision
+    """onnxruntime intra-op threads when none are asked for: one for an int8 step (it keeps up on
+    one thread, which leaves the other cores to gRPC and the event loop), onnxruntime's default (one
+    per core) for an fp32 step, which needs them. The measurements behind it: docs/benchmarks.md."""
+    from serve.model_dir import ManifestError, load_manifest, step_precision
 
     try:
         manifest = load_manifest(model_dir, verify=False)

@@ -1,4 +1,4 @@
-"""The sim.v1.SimEncoder service: StreamEncode, Info and Decode."""
+"""The sim.v2.SimEncoder service: StreamEncode, Info and Decode."""
 from __future__ import annotations
 
 import asyncio
@@ -9,19 +9,20 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from export.runtime import providers
-from protos.sim.v1 import sim_pb2 as pb
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+from protos.sim.v2 import codec
+from protos.sim.v2 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2_grpc as pb_grpc
 from serve.audio_codec import check_encoding, check_length
 from serve.batcher import Batcher
 from serve.decoders import DecoderBank
 from serve.errors import StreamError, outcome_label
 from serve.metrics import Metrics
+from serve.onnx_sessions import providers
 from serve.session import END, StreamSession
 
 log = logging.getLogger("serve")
 
-API_VERSION = "sim.v1"
+API_VERSION = pb.DESCRIPTOR.package  # "sim.v2"
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,11 @@ def package_version() -> str:
 
 
 def _serialize_response(resp) -> bytes:
-    """StreamEncode responses arrive already serialised (serve.wire); anything else is a message."""
+    """StreamEncode responses arrive already serialised (serve.responses); anything else is a message."""
     return resp if isinstance(resp, bytes) else resp.SerializeToString()
 
 
-def add_servicer(servicer: "SimEncoderServicer", server) -> None:
+def add_servicer(servicer: SimEncoderServicer, server) -> None:
     """Register the service like the generated add_SimEncoderServicer_to_server, except that
     StreamEncode writes pre-serialised bytes."""
     handlers = {
@@ -175,7 +176,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "config.levels names a level twice")
         levels = tuple(lv for lv in self.model.levels if lv in levels)  # model order
         sr = self.model.sample_rate
-        return StreamSession(levels, cfg.return_logvar, cfg.encoding,
+        return StreamSession(levels, cfg.return_logvar, cfg.encoding, sr,
                              max_samples=int(self.limits.max_stream_seconds * sr),
                              max_backlog=int(self.limits.max_backlog_seconds * sr))
 
@@ -266,7 +267,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                                lookahead=int(geo["lookahead"]), providers=providers())
         for level in m.levels:
             li = resp.levels.add(name=level, dim=int(m.level_dims[level]), hop_samples=int(m.level_hops[level]),
-                                 has_logvar=bool(m.variational and level != "ar"),
+                                 has_logvar=level in m.logvar_levels,
                                  has_decoder=self.decoders.available(level))
             c = (cal.get("levels") or {}).get(level)
             if c:
@@ -294,6 +295,4 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             self.metrics.decode_requests.labels(outcome_label(err.code)).inc()
             await context.abort(err.code, err.message)
         self.metrics.decode_requests.labels("ok").inc()
-        resp = pb.DecodeResponse(sample_rate=self.model.sample_rate)
-        resp.audio.extend(audio.tolist())
-        return resp
+        return pb.DecodeResponse(sample_rate=self.model.sample_rate, audio=codec.pack(audio))

@@ -15,18 +15,18 @@ import time
 from grpc import StatusCode
 
 from serve.errors import StreamError
-from train.audio import SAMPLE_RATE
 
 END = object()  # queued after the last response of a stream that finished normally
 _ids = itertools.count(1)
 
 
 class StreamSession:
-    def __init__(self, levels: tuple[str, ...], return_logvar: bool, encoding: int, max_samples: int,
-                 max_backlog: int):
+    def __init__(self, levels: tuple[str, ...], return_logvar: bool, encoding: int, sample_rate: int,
+                 max_samples: int, max_backlog: int):
         self.id = next(_ids)
-        self.encoding = encoding  # sim.v1.AudioEncoding of the audio messages
+        self.encoding = encoding  # sim.v2.AudioEncoding of the audio messages
         self.levels = levels
+        self.sample_rate = sample_rate
         self.return_logvar = return_logvar
         self.max_samples = max_samples
         self.max_backlog = max_backlog  # samples received but not yet processed before reading pauses
@@ -55,7 +55,7 @@ class StreamSession:
         if self.received + n > self.max_samples:
             raise StreamError(StatusCode.OUT_OF_RANGE,
                               f"stream exceeds the limit of {self.max_samples} samples "
-                              f"({self.max_samples / SAMPLE_RATE:g} s); start a new stream")
+                              f"({self.max_samples / self.sample_rate:g} s); start a new stream")
         self.raw.append(data)
         self.received += n
         self._counts.append(self.received)

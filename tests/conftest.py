@@ -92,6 +92,15 @@ def audio_dir_factory(tmp_path):
 @pytest.fixture(scope="session")
 def model(tmp_path_factory, small_corpus):
     """(exported model dir, checkpoint) of a small random SIM encoder, shared by the service and client tests."""
-    from serve_support import model_dir
+    from support.serving import model_dir
 
     return model_dir(tmp_path_factory.getbasetemp(), small_corpus)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, small_corpus):
+    """exported(method, decoders=False) -> the export directory of a small random model (built once)."""
+    from support.exports import export_small
+
+    root = tmp_path_factory.mktemp("exports")
+    return lambda method, decoders=False: export_small(method, root, small_corpus, decoders)

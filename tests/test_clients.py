@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from clients.encoding import flagged_stretches
+from clients.collector import flagged_stretches
 from clients.monitor import DirectoryWatcher, RollingRate
 from clients.view import level_meter, ood_timeline, sparkline
-from serve_support import PY, ROOT, ServerProcess, metric_value, offline, wait_for
+from serve.launch import ServerProcess, metric_value
+from support.serving import PY, ROOT, offline, wait_for
 from train.corpus import load_corpus
 
 
@@ -56,7 +57,7 @@ def test_stream_cli_saves_train_encode_arrays(server, model, files, tmp_path):
     np.testing.assert_array_equal(got["p_value"], got["p_value_m3"])
     for level in ("m1", "m2", "m3", "ar"):
         assert got[f"p_value_{level}"].shape == got[f"ood_{level}"].shape == (want[level].shape[0],)
-    assert re.search(r"OOD \(m3\): \d+ of %d frames flagged" % want["m3"].shape[0], proc.stdout)
+    assert re.search(rf"OOD \(m3\): \d+ of {want['m3'].shape[0]} frames flagged", proc.stdout)
     assert "timeline" in proc.stdout and f"saved {tmp_path / 's.npz'}" in proc.stdout
 
 
@@ -149,6 +150,26 @@ def test_monitor_watches_a_directory_and_exports_counters(server, files, tmp_pat
     assert rc == 0
 
 
+def test_clients_take_the_levels_from_the_served_model(exported, files, tmp_path):
+    """A CPC model has only m3 and ar (Info says so): a level it lacks is a usage error naming the
+    model's levels, before any audio is sent; a level it has works."""
+    srv = ServerProcess(exported("cpc"), log_dir=tmp_path).start()
+    try:
+        proc = cli("clients.monitor", "--server", srv.address, "--once", "--level", "m1", files[0])
+        assert proc.returncode == 2, proc.stderr
+        assert "error: --level m1: the served model (cpc) has levels m3, ar" in proc.stderr
+        proc = cli("clients.mic", "--server", srv.address, "--view-level", "m1", "--duration", "1")
+        assert proc.returncode == 2 and "--view-level m1: the served model (cpc) has levels m3, ar" in proc.stderr
+        ok = cli("clients.monitor", "--server", srv.address, "--once", "--level", "ar", files[0])
+        assert ok.returncode == 0, ok.stderr
+        assert [e["event"] for e in events_of(ok.stdout)] == ["end"] and events_of(ok.stdout)[0]["frames"] > 0
+        got = cli("clients.stream", files[0], "--server", srv.address, "--out", tmp_path / "cpc.npz")
+        assert got.returncode == 0, got.stderr
+        assert {"m3", "ar"} <= set(np.load(tmp_path / "cpc.npz").files) and "m1" not in np.load(tmp_path / "cpc.npz")
+    finally:
+        srv.close()
+
+
 def test_rolling_rate_crossings():
     r = RollingRate(window=4, alert_rate=0.5, min_frames=2)
     out = [r.push(f) for f in [False, False, True, True, True, False, False, False, True]]
@@ -158,7 +179,7 @@ def test_rolling_rate_crossings():
 
 def test_text_helpers():
     assert flagged_stretches(np.array([0, 1, 1, 0, 0, 1], bool), 0.01) == [(0.01, 0.03), (0.05, 0.06)]
-    assert flagged_stretches(np.zeros(5, bool)) == []
+    assert flagged_stretches(np.zeros(5, bool), 0.01) == []
     assert sparkline([0, 1, 2], 0, 2) == "▁▅█"
     assert ood_timeline(np.array([0, 0, 0, 0, 0, 1, 0, 1, 1], bool), 3) == ".!#"
     assert level_meter(-30.0, width=10).startswith("[#####.....]")

@@ -11,11 +11,14 @@ import torch
 
 from export.calibration import fit_gaussian, mahalanobis, score_stats
 from export.graphs import EncoderGraph, ModuleGraph
-from export.manifest import ManifestError, load_manifest, p_value, sha256_file
 from export.onnx import main
-from export.runtime import StreamingModel, make_session
-from export.verify import CHUNK_PLANS, Report, VerificationError, audio_cases, verify_offline_graphs, verify_streaming
-from test_export_support import exported, one_torch_thread, small_encoder, write_checkpoint, write_decoders  # noqa: F401
+from export.streams import CHUNK_PLANS
+from export.verify import Report, VerificationError, audio_cases, verify_offline_graphs, verify_streaming
+from serve.model_dir import ManifestError, load_manifest, sha256_file
+from serve.onnx_sessions import make_session
+from serve.runtime import StreamingModel
+from serve.scoring import p_value
+from support.exports import one_torch_thread, small_encoder, write_checkpoint, write_decoders
 from train.checkpoint import load_encoder
 from train.decoder import load_decoder
 

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from clients.encoding import FrameCollector, file_requests
-from serve_support import PY, ROOT, ServerProcess, model_dir
+from clients.collector import FrameCollector
+from clients.requests import file_requests
+from serve.launch import ServerProcess
+from support.serving import PY, ROOT, model_dir
 from train.audio import SAMPLE_RATE, level_hops
 from train.corpus import load_corpus
 
@@ -155,12 +157,13 @@ def test_mic_client_latents_match_streaming_the_file(virtual_mic, server, small_
     import grpc
 
     from clients.connection import Connection
-    from protos.sim.v1 import sim_pb2_grpc as pb_grpc
+    from protos.sim.v2 import sim_pb2_grpc as pb_grpc
 
     shifted = np.concatenate([np.zeros(lag, np.float32), clip])
     channel = grpc.insecure_channel(server.address)
     col = FrameCollector()
-    for resp in Connection(channel, pb_grpc.SimEncoderStub(channel), ()).stub.StreamEncode(file_requests(shifted, 1600)):
+    stub = Connection(channel, pb_grpc.SimEncoderStub(channel), ()).stub
+    for resp in stub.StreamEncode(file_requests(shifted, SAMPLE_RATE, 1600)):
         col.add(resp)
     channel.close()
     ref = col.arrays()

@@ -5,11 +5,12 @@ import numpy as np
 import onnx
 import pytest
 
-from export.manifest import MANIFEST, load_manifest
 from export.quantize import STEP_FP32
-from export.runtime import StreamingModel, encode_streaming, encode_streams
-from test_export_support import one_torch_thread, write_checkpoint
-from train.audio import load_audio
+from export.streams import encode_streaming, encode_streams
+from serve.model_dir import MANIFEST, load_manifest
+from serve.runtime import StreamingModel
+from support.exports import one_torch_thread, write_checkpoint
+from train.audio import SAMPLE_RATE, load_audio
 from train.corpus import load_corpus
 
 
@@ -83,10 +84,11 @@ def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, t
     assert auto_threads(str(int8_model)) == 1 and auto_threads(str(fp32_model)) is None
     assert StreamingModel(int8_model).step_precision == "int8" and StreamingModel(fp32_model).step_precision == "fp32"
 
-    from clients.encoding import FrameCollector, file_requests
-    from protos.sim.v1 import sim_pb2 as pb
-    from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-    from serve_support import ServerProcess
+    from clients.collector import FrameCollector
+    from clients.requests import file_requests
+    from protos.sim.v2 import sim_pb2 as pb
+    from protos.sim.v2 import sim_pb2_grpc as pb_grpc
+    from serve.launch import ServerProcess
 
     audio = load_audio(load_corpus(small_corpus, "test")[0].path)
     srv = ServerProcess(int8_model, log_dir=tmp_path).start()
@@ -95,7 +97,7 @@ def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, t
             stub = pb_grpc.SimEncoderStub(channel)
             assert stub.Info(pb.InfoRequest(), timeout=10).versions["step_precision"] == "int8"
             col = FrameCollector()
-            for resp in stub.StreamEncode(file_requests(audio, 777), timeout=60):
+            for resp in stub.StreamEncode(file_requests(audio, SAMPLE_RATE, 777), timeout=60):
                 col.add(resp)
             got = col.arrays()
     finally:

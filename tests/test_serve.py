@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from clients.collector import FrameCollector
 from clients.connection import Connection
-from clients.encoding import FrameCollector, audio_request, config_request, file_requests
-from protos.sim.v1 import sim_pb2 as pb
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-from serve_support import ServerProcess, offline, wait_for
-from train.audio import level_frames
+from clients.requests import audio_request, config_request, file_requests
+from protos.sim.v2 import codec
+from protos.sim.v2 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2_grpc as pb_grpc
+from serve.launch import ServerProcess
+from support.serving import offline, wait_for
+from train.audio import SAMPLE_RATE, level_frames
 from train.corpus import load_corpus
 
 TOL = 1e-4
@@ -49,7 +52,7 @@ def speech(small_corpus):
 
 def stream(conn, audio, chunks=1600, **kw) -> dict[str, np.ndarray]:
     col = FrameCollector()
-    for resp in conn.stub.StreamEncode(file_requests(audio, chunks, **kw), metadata=conn.metadata):
+    for resp in conn.stub.StreamEncode(file_requests(audio, SAMPLE_RATE, chunks, **kw), metadata=conn.metadata):
         col.add(resp)
     return col.arrays()
 
@@ -57,7 +60,7 @@ def stream(conn, audio, chunks=1600, **kw) -> dict[str, np.ndarray]:
 def stream_plan(conn, audio, plan, **kw) -> dict[str, np.ndarray]:
     """Stream audio cut by a cycle of chunk sizes."""
     def requests():
-        yield config_request(**kw)
+        yield config_request(SAMPLE_RATE, **kw)
         pos, i = 0, 0
         while pos < len(audio):
             n = plan[i % len(plan)]
@@ -108,29 +111,34 @@ def test_linear16_equals_offline_of_quantised_audio(conn, model, speech):
     assert_matches_offline(got, offline(model[1], q.astype(np.float32) / 32768), len(speech))
 
 
-def test_frames_carry_index_time_scores_and_logvar_on_request(conn, model, speech):
+def test_frames_carry_index_scores_and_logvar_on_request(conn, model, speech):
     col = FrameCollector()
-    responses = list(conn.stub.StreamEncode(file_requests(speech, 480, levels=["m2", "ar"], return_logvar=True)))
-    frames = [f for r in responses for f in r.frames]
-    assert {f.level for f in frames} == {"m2", "ar"}
+    responses = list(conn.stub.StreamEncode(file_requests(speech, SAMPLE_RATE, 480, levels=["m2", "ar"],
+                                                          return_logvar=True)))
+    messages = [m for r in responses for m in r.frames]
+    assert {m.level for m in messages} == {"m2", "ar"}
     for r in responses:
+        assert len({m.level for m in r.frames}) == len(r.frames)  # one LevelFrames per level and response
         col.add(r)
     arrays = col.arrays()
     ref = offline(model[1], speech)
     manifest = __import__("json").loads((model[0] / "manifest.json").read_text())
     cal = manifest["calibration"]["levels"]
-    for f in frames:
-        hop = 80 if f.level == "m2" else 160
-        assert f.start_time == pytest.approx(f.index * hop / 16000)
-        c = cal[f.level]
+    next_index = {"m2": 0, "ar": 0}
+    for m in messages:
+        assert m.first_index == next_index[m.level] and m.count > 0 and m.dim == (32 if m.level == "m2" else 16)
+        next_index[m.level] += m.count
+        f = codec.frames_of(m)
+        c = cal[m.level]
         score = f.kl if c["score"] == "kl" else f.maha
-        assert f.ood_score == pytest.approx(score, rel=1e-6)
+        np.testing.assert_allclose(f.ood_score, score, rtol=1e-6)
         ref_scores = np.asarray(c["reference"])
-        expected_p = (1 + np.sum(ref_scores >= f.ood_score)) / (len(ref_scores) + 1)
-        assert f.p_value == pytest.approx(expected_p, abs=2.0 / len(ref_scores))
-        assert f.ood == (f.ood_score > c["threshold"])
-        assert f.HasField("kl") == (f.level == "m2")
-        assert len(f.logvar) == (32 if f.level == "m2" else 0)
+        expected_p = (1 + np.sum(ref_scores[None, :] >= f.ood_score[:, None], axis=1)) / (len(ref_scores) + 1)
+        np.testing.assert_allclose(f.p_value, expected_p, atol=2.0 / len(ref_scores))
+        np.testing.assert_array_equal(f.ood, f.ood_score > c["threshold"])
+        assert (f.kl is not None) == (m.level == "m2")
+        assert len(m.logvar) == (4 * 32 * m.count if m.level == "m2" else 0)
+    assert next_index == {"m2": ref["m2"].shape[0], "ar": ref["ar"].shape[0]}
     # log-variances equal the offline posterior's: kl recomputed from them matches
     lv, mu = arrays["logvar_m2"], arrays["m2"]
     kl = 0.5 * (mu ** 2 + np.exp(lv) - 1 - lv).sum(-1)
@@ -175,31 +183,34 @@ def test_info_describes_model_calibration_and_limits(conn, model):
     assert [levels[n].has_decoder for n in LEVELS] == [False, False, True, False]
     assert levels["m3"].calibration.score == "kl" and levels["ar"].calibration.score == "maha"
     assert levels["m3"].calibration.n_ref > 0 and levels["m3"].calibration.fpr == pytest.approx(0.01)
-    assert info.versions["api"] == "sim.v1" and info.versions["onnxruntime"]
+    assert info.versions["api"] == "sim.v2" and info.versions["onnxruntime"]
     assert info.versions["step_precision"] == "fp32"
     assert info.limits.max_streams == 64 and "CPUExecutionProvider" in info.providers
 
 
 def test_decode_returns_the_exported_decoders_audio(conn, model, speech):
-    from train.decoder import load_decoder
     import torch
 
+    from export.random_model import decoders_of
+    from train.decoder import load_decoder
+
     z = offline(model[1], speech)["m3"]
-    resp = conn.stub.Decode(pb.DecodeRequest(level="m3", num_frames=z.shape[0], latents=z.reshape(-1).tolist()))
-    dec, _ = load_decoder(model[0].parent / "dec" / "decoder_m3.pt")
+    resp = conn.stub.Decode(pb.DecodeRequest(level="m3", num_frames=z.shape[0], latents=codec.pack(z)))
+    dec, _ = load_decoder(decoders_of(model[0]) / "decoder_m3.pt")
     with torch.no_grad():
         ref = dec(torch.from_numpy(z)[None])[0].numpy()
     assert resp.sample_rate == 16000
-    np.testing.assert_allclose(np.asarray(resp.audio), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(codec.unpack(resp.audio, len(resp.audio) // 4), ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("req,code,text", [
-    (dict(level="m1", num_frames=1, latents=[0.0] * 32), grpc.StatusCode.NOT_FOUND, "no decoder for level 'm1'"),
-    (dict(level="ar", num_frames=1, latents=[0.0] * 16), grpc.StatusCode.NOT_FOUND, "has no decoder"),
-    (dict(level="m9", num_frames=1, latents=[0.0] * 32), grpc.StatusCode.INVALID_ARGUMENT, "unknown level"),
-    (dict(level="m3", num_frames=2, latents=[0.0] * 32), grpc.StatusCode.INVALID_ARGUMENT, "needs num_frames x 32"),
+    (dict(level="m1", num_frames=1, latents=bytes(4 * 32)), grpc.StatusCode.NOT_FOUND, "no decoder for level 'm1'"),
+    (dict(level="ar", num_frames=1, latents=bytes(4 * 16)), grpc.StatusCode.NOT_FOUND, "has no decoder"),
+    (dict(level="m9", num_frames=1, latents=bytes(4 * 32)), grpc.StatusCode.INVALID_ARGUMENT, "unknown level"),
+    (dict(level="m3", num_frames=2, latents=bytes(4 * 32)), grpc.StatusCode.INVALID_ARGUMENT, "needs num_frames x 32"),
+    (dict(level="m3", num_frames=1, latents=bytes(4 * 32 + 2)), grpc.StatusCode.INVALID_ARGUMENT, "not a multiple of 4"),
     (dict(level="m3", num_frames=0), grpc.StatusCode.INVALID_ARGUMENT, "at least 1"),
-    (dict(level="m3", num_frames=1, latents=[float("nan")] * 32), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    (dict(level="m3", num_frames=1, latents=codec.pack(np.full(32, np.nan))), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
 ])
 def test_decode_errors(conn, req, code, text):
     with pytest.raises(grpc.RpcError) as err:
@@ -212,7 +223,7 @@ def test_disconnect_mid_stream_frees_its_state(conn, server, speech):
     stop = threading.Event()
 
     def endless():
-        yield config_request()
+        yield config_request(SAMPLE_RATE)
         i = 0
         while not stop.is_set():
             yield audio_request(speech[(i * 160) % 16000:][:160])
@@ -236,12 +247,12 @@ def test_health_reflection_and_metrics(server, conn, speech):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
     health = health_pb2_grpc.HealthStub(conn.channel)
-    for service in ("", "sim.v1.SimEncoder"):
+    for service in ("", "sim.v2.SimEncoder"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
             health_pb2.HealthCheckResponse.SERVING
     services = set(ProtoReflectionDescriptorDatabase(conn.channel).get_services())
-    assert {"sim.v1.SimEncoder", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
-    desc = ProtoReflectionDescriptorDatabase(conn.channel).FindFileContainingSymbol("sim.v1.SimEncoder")
+    assert {"sim.v2.SimEncoder", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    desc = ProtoReflectionDescriptorDatabase(conn.channel).FindFileContainingSymbol("sim.v2.SimEncoder")
     assert [m.name for m in desc.service[0].method] == ["StreamEncode", "Info", "Decode"]
 
     frames_before = server.metric("sim_frames_total", level="m3")
@@ -252,7 +263,7 @@ def test_health_reflection_and_metrics(server, conn, speech):
     for name in ("sim_frame_latency_seconds_bucket", "sim_batch_size_bucket", "sim_active_streams",
                  "sim_ood_score_bucket", "sim_flagged_frames_total", "sim_streams_total", "sim_audio_seconds_total"):
         assert name in text, name
-    from serve_support import metric_value
+    from serve.launch import metric_value
 
     assert metric_value(text, "sim_frames_total", level="m3") == frames_before + got["m3"].shape[0]
     assert metric_value(text, "sim_streams_total", outcome="ok") == ok_before + 1

@@ -12,10 +12,13 @@ import pytest
 import soundfile as sf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.encoding import FrameCollector, audio_request, config_request, file_requests
-from protos.sim.v1 import sim_pb2 as pb
-from protos.sim.v1 import sim_pb2_grpc as pb_grpc
-from serve_support import PY, ROOT, ServerProcess, offline, self_signed_cert, wait_for
+from clients.collector import FrameCollector
+from clients.requests import audio_request, config_request, file_requests
+from protos.sim.v2 import sim_pb2 as pb
+from protos.sim.v2 import sim_pb2_grpc as pb_grpc
+from serve.launch import ServerProcess
+from support.serving import PY, ROOT, offline, self_signed_cert, wait_for
+from train.audio import SAMPLE_RATE
 from train.corpus import load_corpus
 
 
@@ -43,13 +46,13 @@ def test_tls_and_token(model, speech, tmp_path):
         channel = grpc.secure_channel(srv.address, creds)
         stub = pb_grpc.SimEncoderStub(channel)
         good = (("authorization", "Bearer s3cret-token"),)
-        got = collect(stub, file_requests(speech, 1600), good)
+        got = collect(stub, file_requests(speech, SAMPLE_RATE, 1600), good)
         np.testing.assert_allclose(got["m3"], offline(model[1], speech)["m3"], atol=1e-4, rtol=0)
         assert stub.Info(pb.InfoRequest(), metadata=good).method == "sim"
         for metadata, text in [((), "missing authorization"), ((("authorization", "Bearer wrong"),), "invalid token"),
                                ((("authorization", "s3cret-token"),), "invalid token")]:
             with pytest.raises(grpc.RpcError) as err:
-                collect(stub, file_requests(speech, 1600), metadata)
+                collect(stub, file_requests(speech, SAMPLE_RATE, 1600), metadata)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and text in err.value.details()
             with pytest.raises(grpc.RpcError) as err:
                 stub.Info(pb.InfoRequest(), metadata=metadata)
@@ -79,7 +82,7 @@ def test_sigterm_drains_then_exits_zero(model, speech, tmp_path):
 
     def open_stream():
         def requests():
-            yield config_request()
+            yield config_request(SAMPLE_RATE)
             yield audio_request(speech[:8000])
             go_on.wait(20)
             yield audio_request(speech[8000:])
@@ -96,7 +99,7 @@ def test_sigterm_drains_then_exits_zero(model, speech, tmp_path):
         wait_for(lambda: health.Check(health_pb2.HealthCheckRequest()).status ==
                  health_pb2.HealthCheckResponse.NOT_SERVING, what="health NOT_SERVING")
         with pytest.raises(grpc.RpcError) as err:
-            collect(stub, file_requests(speech, 1600))
+            collect(stub, file_requests(speech, SAMPLE_RATE, 1600))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
         assert srv.proc.poll() is None  # still serving the open stream
         go_on.set()
@@ -117,7 +120,7 @@ def test_streams_still_open_after_the_grace_period_end_unavailable(model, speech
     stop = threading.Event()
 
     def requests():
-        yield config_request()
+        yield config_request(SAMPLE_RATE)
         yield audio_request(speech[:4000])
         stop.wait(20)
 
@@ -144,7 +147,7 @@ def test_decoder_changed_on_disk_is_failed_precondition(model, tmp_path):
         (copy / "decoder_m3.onnx").write_bytes(b"not an onnx graph")
         channel = grpc.insecure_channel(srv.address)
         with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.SimEncoderStub(channel).Decode(pb.DecodeRequest(level="m3", num_frames=1, latents=[0.0] * 32))
+            pb_grpc.SimEncoderStub(channel).Decode(pb.DecodeRequest(level="m3", num_frames=1, latents=bytes(4 * 32)))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "re-export" in err.value.details()
         channel.close()
     finally:
@@ -180,7 +183,7 @@ def test_workers_share_one_port_and_drain_together(model, speech, tmp_path):
     """--workers 2: two server processes on one port (SO_REUSEPORT); streams on separate connections
     each equal the offline encoding wherever they land; every stream is counted by some worker;
     SIGTERM stops both and the supervisor exits 0."""
-    from serve_support import metric_value
+    from serve.launch import metric_value
 
     srv = ServerProcess(model[0], "--workers", "2", log_dir=tmp_path).start()
     try:
@@ -193,7 +196,8 @@ def test_workers_share_one_port_and_drain_together(model, speech, tmp_path):
             # a connection of its own (gRPC would otherwise share one among channels to one address)
             with grpc.insecure_channel(srv.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
                 try:
-                    results.append(collect(pb_grpc.SimEncoderStub(channel), file_requests(speech, 777 + i))["m3"])
+                    results.append(collect(pb_grpc.SimEncoderStub(channel),
+                                           file_requests(speech, SAMPLE_RATE, 777 + i))["m3"])
                 except grpc.RpcError as exc:
                     errors.append(exc)
 

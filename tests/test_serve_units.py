@@ -6,52 +6,49 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from protos.sim.v1 import sim_pb2 as pb
-from serve import wire
-from serve.frames import FrameBuilder
+from protos.sim.v2 import codec
+from protos.sim.v2 import sim_pb2 as pb
 from serve.metrics import SCORE_BUCKETS, Metrics
+from serve.responses import ResponseBuilder
+from serve.scoring import p_value
 
 
-def _reference_response(builder: FrameBuilder, popped: dict, levels, return_logvar: bool) -> pb.StreamEncodeResponse:
-    """The response as the protobuf message API builds it, field by field (the slow, obvious way)."""
+def _reference_response(manifest: dict, popped: dict, levels, return_logvar: bool) -> pb.StreamEncodeResponse:
+    """The response written out field by field from the runtime's arrays and the manifest (the obvious way)."""
+    cal = manifest["calibration"]["levels"]
     resp = pb.StreamEncodeResponse()
     for level in levels:
-        frames = popped[level]
-        sc = builder.score(level, frames)
-        for j, idx in enumerate(frames["index"].tolist()):
-            f = resp.frames.add(level=level, index=idx, start_time=idx * builder.level_hops[level] / 16000,
-                                maha=float(frames["maha"][j]), ood_score=float(sc.score[j]), ood=bool(sc.ood[j]))
-            f.mu.extend(frames["mu"][j].tolist())
-            if return_logvar and "logvar" in frames:
-                f.logvar.extend(frames["logvar"][j].tolist())
-            if "kl" in frames:
-                f.kl = float(frames["kl"][j])
-            if sc.p_value is not None:
-                f.p_value = float(sc.p_value[j])
+        frames = popped.get(level)
+        if frames is None or not len(frames["index"]):
+            continue
+        c = cal.get(level)
+        score = frames[c["score"] if c else ("kl" if "kl" in frames else "maha")].astype(np.float64)
+        n, dim = frames["mu"].shape
+        m = resp.frames.add(level=level, first_index=int(frames["index"][0]), count=n, dim=dim,
+                            mu=frames["mu"].astype("<f4").tobytes(), maha=frames["maha"].astype("<f4").tobytes(),
+                            ood_score=score.astype("<f4").tobytes())
+        if return_logvar and "logvar" in frames:
+            m.logvar = frames["logvar"].astype("<f4").tobytes()
+        if "kl" in frames:
+            m.kl = frames["kl"].astype("<f4").tobytes()
+        if c:
+            m.p_value = p_value(np.asarray(c["reference"]), score).astype("<f4").tobytes()
+            m.ood = (score > c["threshold"]).astype(np.uint8).tobytes()
+        else:
+            m.ood = bytes(n)
     return resp
 
 
-def test_wire_field_numbers_and_types_are_the_protos():
-    types = {"level": 9, "index": 3, "start_time": 1, "mu": 2, "logvar": 2, "kl": 2, "maha": 2, "ood_score": 2,
-             "p_value": 2, "ood": 8}  # FieldDescriptor.TYPE_*: string, int64, double, float, bool
-    for name, (number, _) in wire.FIELDS.items():
-        field = pb.Frame.DESCRIPTOR.fields_by_name[name]
-        assert field.number == number and field.type == types[name], name
-    assert pb.StreamEncodeResponse.DESCRIPTOR.fields_by_name["frames"].number == wire.RESPONSE_FRAMES[0]
-    assert [wire.varint(n) for n in (0, 127, 128, 300, 16384)] == [
-        b"\x00", b"\x7f", b"\x80\x01", b"\xac\x02", b"\x80\x80\x01"]
-
-
 @pytest.mark.parametrize("return_logvar", [False, True])
-def test_wire_bytes_parse_to_the_message_the_protobuf_api_builds(return_logvar):
+def test_response_bytes_parse_to_the_message_written_field_by_field(return_logvar):
     rng = np.random.default_rng(3)
     reference = np.sort(rng.gamma(2.0, 50.0, 500))
     manifest = {"calibration": {"fpr": 0.01, "levels": {
         "m1": {"score": "kl", "reference": reference.tolist(), "threshold": float(reference[-5])},
         "ar": {"score": "maha", "reference": reference.tolist(), "threshold": float(reference[-5])}}}}
-    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160})
+    builder = ResponseBuilder(manifest, ["m1", "m3", "ar"])
     popped = {}
-    # indices across the 1- / 2- / 3-byte varint boundaries; m3 has no calibration (no p_value)
+    # frame indices far from 0; m3 has no calibration (no p_value)
     for level, dim, start, n in (("m1", 512, 120, 12), ("m3", 7, 16380, 6), ("ar", 3, 0, 2)):
         frames = {"index": np.arange(start, start + n, dtype=np.int64),
                   "mu": rng.standard_normal((n, dim)).astype(np.float32),
@@ -66,9 +63,11 @@ def test_wire_bytes_parse_to_the_message_the_protobuf_api_builds(return_logvar):
     levels = ("m1", "m3", "ar")
     data, scored = builder.response(popped, levels, return_logvar)
     parsed = pb.StreamEncodeResponse.FromString(data)
-    expected = _reference_response(builder, popped, levels, return_logvar)
-    assert parsed == expected and len(parsed.frames) == 20
-    assert any(f.ood for f in parsed.frames) and not all(f.ood for f in parsed.frames)
+    expected = _reference_response(manifest, popped, levels, return_logvar)
+    assert parsed == expected and [m.level for m in parsed.frames] == list(levels)
+    assert sum(m.count for m in parsed.frames) == 20
+    flags = b"".join(m.ood for m in parsed.frames)
+    assert 1 in flags and 0 in flags
     assert [s.level for s in scored] == list(levels)
     # two responses written back to back are one response with the frames of both
     merged = pb.StreamEncodeResponse.FromString(data + data)
@@ -95,15 +94,14 @@ def test_bulk_histogram_exports_what_a_prometheus_histogram_would():
 
 
 def test_batched_responses_equal_each_streams_own_response():
-    """responses() encodes a level's frames of all streams together: each stream must still get
-    exactly its own frames, whatever its levels, logvar choice and index range (streams at
-    different varint widths, one crossing a width inside the batch)."""
+    """responses() scores a level's frames of all streams together: each stream must still get
+    exactly its own frames, whatever its levels, logvar choice and index range."""
     rng = np.random.default_rng(5)
     reference = np.sort(rng.gamma(2.0, 50.0, 300))
     manifest = {"calibration": {"fpr": 0.01, "levels": {
         lv: {"score": "kl" if lv != "ar" else "maha", "reference": reference.tolist(),
              "threshold": float(reference[-3])} for lv in ("m1", "m3", "ar")}}}
-    builder = FrameBuilder(manifest, {"m1": 20, "m3": 160, "ar": 160})
+    builder = ResponseBuilder(manifest, ["m1", "m3", "ar"])
     dims = {"m1": 6, "m3": 5, "ar": 4}
 
     def popped(start: int) -> dict:
@@ -119,7 +117,6 @@ def test_batched_responses_equal_each_streams_own_response():
             out[level] = frames
         return out
 
-    # m1 frames 120..135 and 16376..16391 cross the 1/2- and 2/3-byte varint widths
     requests = [(popped(0), ("m1", "m3", "ar"), False), (popped(2047), ("m1", "ar"), True),
                 (popped(15), ("m1", "m3"), True), (popped(300000), ("m1", "m3", "ar"), False),
                 ({}, ("m1",), False), (popped(7), ("ar",), False)]
@@ -129,7 +126,7 @@ def test_batched_responses_equal_each_streams_own_response():
         if p:
             alone, _ = builder.response(p, levels, lv)
             assert got == alone
-            assert pb.StreamEncodeResponse.FromString(got) == _reference_response(builder, p, levels, lv)
+            assert pb.StreamEncodeResponse.FromString(got) == _reference_response(manifest, p, levels, lv)
     n_frames = {lv: sum(len(p[lv]["index"]) for p, levels, _ in requests if lv in levels and p) for lv in dims}
     assert {lv: sum(s.score.size for s in parts) for lv, parts in scored.items()} == n_frames
 
@@ -143,7 +140,8 @@ def test_tick_hops_steps_real_time_streams_together_and_files_in_bulk():
     assert tick_hops([0, 0, 5, 5, 1], 8) == 5 and tick_hops([0, 0], 8) == 1 and tick_hops([], 8) == 1
 
 
-def _tick_plan(hop: int, hops: list[int], rng) -> "TickRequest":
+def _tick_plan(hop: int, hops: list[int], rng):
+    """A TickRequest opening len(hops) streams with the given hops of random audio each."""
     from serve.engine import TickRequest
 
     return TickRequest(opens=[(i, ("m1", "m3"), i % 2 == 0, pb.FLOAT32) for i in range(len(hops))],
@@ -154,8 +152,8 @@ def _tick_plan(hop: int, hops: list[int], rng) -> "TickRequest":
 def test_engine_defers_an_early_hop_but_lets_a_stream_far_behind_catch_up(model):
     """Engine.tick on a real model: ten streams with one hop and one with two step one hop each
     (the second waits for the next tick); a stream CATCH_UP_HOPS or more behind steps all its hops."""
-    from export.runtime import StreamingModel
     from serve.engine import CATCH_UP_HOPS, Engine, TickRequest
+    from serve.runtime import StreamingModel
 
     m = StreamingModel(model[0])
     engine = Engine(m, max_hops_per_tick=8)
@@ -177,8 +175,8 @@ def test_engine_defers_an_early_hop_but_lets_a_stream_far_behind_catch_up(model)
 
 
 def test_engine_reports_bad_audio_as_that_streams_error_only(model):
-    from export.runtime import StreamingModel
     from serve.engine import Engine, TickRequest
+    from serve.runtime import StreamingModel
 
     m = StreamingModel(model[0])
     engine = Engine(m)
@@ -191,48 +189,51 @@ def test_engine_reports_bad_audio_as_that_streams_error_only(model):
     assert [r[0] for r in reply.results] == [2] and list(engine.streams) == [2]
 
 
-def test_process_engine_gives_the_same_replies_and_restarts_after_a_crash(model):
-    """The same ticks through a child process and in this process: identical replies. A killed
-    child is reported as EngineDied, and restart() brings a working one back."""
+def test_a_failing_step_ends_only_that_ticks_streams_and_the_engine_serves_on(model):
+    """An exception inside the batched step (a server bug, or onnxruntime failing) ends the streams
+    of that tick with INTERNAL; the engine thread keeps its other streams and serves the next tick
+    (built on the event loop as in the server), and a new stream gives the frames a fresh model gives."""
     import asyncio
-    import os
-    import signal
 
-    from export.runtime import StreamingModel
-    from serve.engine import EngineDied, ProcessEngine, ThreadEngine, TickRequest
+    from serve.engine import EngineThread, TickRequest
+    from serve.runtime import StreamingModel
 
     m = StreamingModel(model[0])
-    hops = [1, 2, 3, 5]
+    engine = EngineThread(m)
+    real = m.decode_streams
+    calls = []
 
-    async def run(engine) -> list:
-        rng = np.random.default_rng(1)
+    def failing_once(streams):
+        calls.append(len(list(streams)))
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return real(streams)
 
-        async def tick(req):
-            return engine.finish(await engine.tick(req))
-
-        replies = [await tick(_tick_plan(m.hop, hops, rng))]
-        while replies[-1].more:
-            replies.append(await tick(TickRequest()))
-        replies.append(await tick(TickRequest(closed=list(range(len(hops))))))
-        assert all(resp is not None for r in replies[:1] for _, resp, _, _ in r.results)
-        return [(r.results, r.errors, r.batch, r.decoded, r.more) for r in replies]
+    m.decode_streams = failing_once
+    rng = np.random.default_rng(3)
+    audio = (0.1 * rng.standard_normal(3 * m.hop)).astype("<f4").tobytes()
 
     async def main():
-        local, child = ThreadEngine(m), ProcessEngine(model[0], threads=1)
         try:
-            assert await run(child) == await run(local)
-            os.kill(child.pid, signal.SIGKILL)
-            with pytest.raises(EngineDied):
-                await child.tick(_tick_plan(m.hop, [1], np.random.default_rng(2)))
-            await child.restart()
-            reply = await child.tick(_tick_plan(m.hop, [1], np.random.default_rng(2)))
-            assert [r[0] for r in reply.results] == [0] and not reply.errors
+            first = engine.finish(await engine.tick(TickRequest(opens=[(1, ("m3",), False, pb.FLOAT32)],
+                                                                audio={1: audio})))
+            assert [(sid, code) for sid, code, _ in first.errors] == [(1, grpc.StatusCode.INTERNAL)]
+            assert "injected failure" in first.errors[0][2] and first.results == [] and not engine.engine.streams
+            second = engine.finish(await engine.tick(TickRequest(opens=[(2, ("m3",), False, pb.FLOAT32)],
+                                                                 audio={2: audio}, closed=[2])))
+            return second
         finally:
-            await child.stop()
-            await local.stop()
-        assert not child._proc.is_alive()
+            await engine.stop()
 
-    asyncio.run(main())
+    second = asyncio.run(main())
+    assert not second.errors and [(sid, done) for sid, _, done, _ in second.results] == [(2, True)]
+    got = pb.StreamEncodeResponse.FromString(second.results[0][1])
+    fresh = StreamingModel(model[0])
+    s = fresh.create_stream()
+    s.accept_waveform(np.frombuffer(audio, "<f4"))
+    s.input_finished()
+    fresh.decode_streams([s])
+    np.testing.assert_array_equal(np.concatenate([codec.frames_of(f).mu for f in got.frames]), s.pop_frames()["m3"]["mu"])
 
 
 def test_ready_lines_parse_back_to_what_was_printed():

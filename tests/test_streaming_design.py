@@ -55,8 +55,8 @@ def test_geometry_follows_from_the_layer_table():
     spec = state_spec(32, 16)
     assert [s["name"] for s in spec] == ["cache_0", "cache_1", "cache_2", "cache_3", "cache_4", "gru_h", "started"]
     assert [s["shape"] for s in spec][:2] == [[7, 1], [5, 32]] and spec[5]["shape"] == [16]
-    assert level_frames_per_graph("sim")["step"] == {"m1": 8, "m2": 2, "m3": 1, "ar": 1}
-    assert level_frames_per_graph("cpc")["flush"] == {"m3": 2, "ar": 2}
+    assert level_frames_per_graph(ModelDims("sim"))["step"] == {"m1": 8, "m2": 2, "m3": 1, "ar": 1}
+    assert level_frames_per_graph(ModelDims("cpc"))["flush"] == {"m3": 2, "ar": 2}
 
 
 def test_offline_reference_is_the_encoder():

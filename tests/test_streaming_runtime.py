@@ -1,4 +1,4 @@
-"""export.runtime: the streaming graphs in onnxruntime, per stream and batched, against the offline encoder."""
+"""serve.runtime: the streaming graphs in onnxruntime, per stream and batched, against the offline encoder."""
 from __future__ import annotations
 
 import subprocess
@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 from export.offline import offline_levels
-from export.runtime import StreamingModel, bucket, encode_streaming, encode_streams, providers
-from export.verify import random_mix_plans
-from test_export_support import exported, one_torch_thread  # noqa: F401
-from train.audio import load_audio, level_frames
+from export.streams import CHUNK_PLANS, StepGraphs, encode_streaming, encode_streams, random_mix_plans
+from serve.onnx_sessions import make_session, providers
+from serve.runtime import StreamingModel, bucket
+from support.exports import one_torch_thread
+from train.audio import level_frames, load_audio
 from train.checkpoint import load_encoder
 from train.corpus import load_corpus
 from train.encode import encode_array
-
-PLANS = {"1": [1], "159": [159], "160": [160], "161": [161], "4000": [4000]}
 
 
 def reference(model: StreamingModel, audio: np.ndarray) -> dict[str, np.ndarray]:
@@ -27,8 +26,6 @@ def reference(model: StreamingModel, audio: np.ndarray) -> dict[str, np.ndarray]
 
 
 def offline_encoder_graph(model: StreamingModel, audio: np.ndarray) -> dict[str, np.ndarray]:
-    from export.runtime import make_session
-
     s = make_session(model.dir / "encoder.onnx")
     names = [o.name for o in s.get_outputs()]
     return {n: v[0] for n, v in zip(names, s.run(names, {"audio": audio[None]}))}
@@ -42,7 +39,7 @@ def assert_matches(got: dict, model: StreamingModel, audio: np.ndarray, what: st
     for level in model.levels:
         assert got[level].shape == (counts[level], model.level_dims[level]), (what, level)
         pairs = [(level, f"mu_{level}")]
-        if model.variational and level != "ar":
+        if level in model.logvar_levels:
             pairs += [(f"kl_{level}", f"kl_{level}"), (f"logvar_{level}", f"logvar_{level}")]
         for key, ref_key in pairs:
             r = ref[ref_key]
@@ -76,7 +73,7 @@ def test_providers_choose_cpu_when_cuda_cannot_run(exported):
 def test_chunked_streaming_equals_offline_on_corpus_audio(exported, corpus_audio, method):
     """Chunks of 1, 159, 160, 161, 4000 samples and random mixes: every frame, first and last included."""
     model = StreamingModel(exported(method))
-    plans = {**PLANS, **random_mix_plans(np.random.default_rng(3), 1)}
+    plans = {**CHUNK_PLANS, **random_mix_plans(np.random.default_rng(3), 1)}
     audio = corpus_audio[0]
     results = encode_streams(model, [audio] * len(plans), list(plans.values()))
     for name, got in zip(plans, results):
@@ -116,7 +113,7 @@ def test_batch_norm_model_exports_folded_and_streams_like_offline(tmp_path, smal
     model = StreamingModel(tmp_path / "bn")
     assert model.manifest["dims"]["batch_norm"] is True
     audio = corpus_audio[1]
-    plans = {**PLANS, **random_mix_plans(np.random.default_rng(8), 1)}
+    plans = {**CHUNK_PLANS, **random_mix_plans(np.random.default_rng(8), 1)}
     results = encode_streams(model, [audio] * len(plans), list(plans.values()))
     for name, got in zip(plans, results):
         assert_matches(got, model, audio, f"batch-norm chunks {name}")
@@ -223,9 +220,20 @@ def test_frames_come_out_at_each_levels_own_rate(exported):
         s.accept_waveform(np.zeros(3, np.float32))
 
 
+def test_a_stream_ending_on_a_hop_boundary_flushes_an_empty_tail(exported):
+    """Audio of exactly k hops: the flush gets no samples and still gives the offline frame counts."""
+    model = StreamingModel(exported("sim"))
+    audio = (0.1 * np.random.default_rng(9).standard_normal(3 * 160)).astype(np.float32)
+    for plan in ([160], [480], [7]):
+        assert {lv: v.shape[0] for lv, v in encode_streaming(model, audio, plan).items() if lv in model.levels} == \
+            level_frames(audio.size)
+
+
 def test_low_level_step_flush_and_state_helpers(exported):
-    model = StreamingModel(exported("gim"))
-    assert model.hop == 160 and model.levels == ["m1", "m2", "m3", "ar"] and not model.variational
+    """export.streams.StepGraphs: the step and flush graphs with the state passed in and out."""
+    runtime = StreamingModel(exported("gim"))
+    assert runtime.hop == 160 and runtime.levels == ["m1", "m2", "m3", "ar"] and not runtime.variational
+    model = StepGraphs(exported("gim"))
     state = model.initial_state(3)
     assert {k: v.shape for k, v in state.items()} == {
         "cache_0": (3, 7, 1), "cache_1": (3, 5, 32), "cache_2": (3, 3, 32), "cache_3": (3, 3, 32),
@@ -254,7 +262,7 @@ def test_low_level_step_flush_and_state_helpers(exported):
     with pytest.raises(ValueError, match="cache_1"):
         model.step(audio, {**state, "cache_1": state["cache_1"][:2]})
     with pytest.raises(ValueError, match="1-D"):
-        model.create_stream().accept_waveform(np.zeros((2, 2), np.float32))
+        runtime.create_stream().accept_waveform(np.zeros((2, 2), np.float32))
 
 
 def test_runtime_and_manifest_import_without_torch(exported):
@@ -263,7 +271,8 @@ def test_runtime_and_manifest_import_without_torch(exported):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from export.runtime import StreamingModel, encode_streaming\n"
+        "from serve.runtime import StreamingModel\n"
+        "from export.streams import encode_streaming\n"
         f"m = StreamingModel({str(model_dir)!r})\n"
         "out = encode_streaming(m, np.zeros(1000, np.float32), [100, 60])\n"
         "print(out['m3'].shape, 'torch' in sys.modules and sys.modules['torch'] is not None)\n"

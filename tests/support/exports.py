@@ -1,18 +1,18 @@
-"""Shared helpers for the export and streaming-runtime tests (no tests here).
+"""Helpers for the export and streaming-runtime tests: small random models and their exports.
 
-exported(method, decoders=False) runs the real CLI `python -m export.onnx` (in process) on a small
-randomly initialised model (ModelDims(channels=32, hidden=16)) with the small real corpus, once per
-test session and (method, decoders).
+export_small(method, root, corpus, decoders) runs the real CLI `python -m export.onnx` (in process) on
+a small randomly initialised model (ModelDims(channels=32, hidden=16)) with the small real corpus,
+once per test session and (method, decoders); conftest's `exported` fixture calls it.
 """
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
-import pytest
 import torch
 
-from train.checkpoint import encoder_checkpoint, save_atomic
+from export.random_model import write_checkpoint as write_random_checkpoint
+from export.random_model import write_decoders as write_random_decoders
 from train.model import Encoder, ModelDims
 
 SMALL = dict(channels=32, hidden=16)
@@ -36,20 +36,13 @@ def small_encoder(method: str, seed: int = 0) -> Encoder:
 
 
 def write_checkpoint(path: Path, method: str, seed: int = 0) -> Path:
-    save_atomic(encoder_checkpoint(small_encoder(method, seed), {"method": method, "beta": 0.0033}), path)
+    write_random_checkpoint(path, ModelDims(method=method, **SMALL), seed)
     return path
 
 
 def write_decoders(directory: Path, levels=("m1", "m2", "m3"), channels: int = SMALL["channels"],
                    method: str = "sim") -> Path:
-    from train.decoder import Decoder, save_decoder
-
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(5)
-    for level in levels:
-        save_decoder(Decoder(level, channels), directory / f"decoder_{level}.pt",
-                     dims={"method": method, "channels": channels, "hidden": SMALL["hidden"]})
-    return directory
+    return write_random_decoders(directory, levels, ModelDims(method, channels, SMALL["hidden"]), seed=5)
 
 
 def export_small(method: str, root: Path, corpus: Path, decoders: bool = False) -> Path:
@@ -69,8 +62,3 @@ def export_small(method: str, root: Path, corpus: Path, decoders: bool = False) 
         _EXPORTS[key] = out
     return _EXPORTS[key]
 
-
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory, small_corpus):
-    root = tmp_path_factory.mktemp("exports")
-    return lambda method, decoders=False: export_small(method, root, small_corpus, decoders)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.sim.v1 import sim_pb2 as protos_dot_sim_dot_v1_dot_sim__pb2
+from protos.sim.v2 import sim_pb2 as protos_dot_sim_dot_v2_dot_sim__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/sim/v1/sim_pb2_grpc.py depends on'
+        + ' but the generated code in protos/sim/v2/sim_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -26,8 +26,7 @@ if _version_not_supported:
 
 
 class SimEncoderStub:
-    """Streams 16 kHz mono audio in, latent frames (posterior means, 10 ms top-level frames) and
-    per-frame out-of-distribution scores out.
+    """Streams mono audio in, latent frames (posterior means) and per-frame out-of-distribution scores out.
     """
 
     def __init__(self, channel):
@@ -37,30 +36,29 @@ class SimEncoderStub:
             channel: A grpc.Channel.
         """
         self.StreamEncode = channel.stream_stream(
-                '/sim.v1.SimEncoder/StreamEncode',
-                request_serializer=protos_dot_sim_dot_v1_dot_sim__pb2.StreamEncodeRequest.SerializeToString,
-                response_deserializer=protos_dot_sim_dot_v1_dot_sim__pb2.StreamEncodeResponse.FromString,
+                '/sim.v2.SimEncoder/StreamEncode',
+                request_serializer=protos_dot_sim_dot_v2_dot_sim__pb2.StreamEncodeRequest.SerializeToString,
+                response_deserializer=protos_dot_sim_dot_v2_dot_sim__pb2.StreamEncodeResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
-                '/sim.v1.SimEncoder/Info',
-                request_serializer=protos_dot_sim_dot_v1_dot_sim__pb2.InfoRequest.SerializeToString,
-                response_deserializer=protos_dot_sim_dot_v1_dot_sim__pb2.InfoResponse.FromString,
+                '/sim.v2.SimEncoder/Info',
+                request_serializer=protos_dot_sim_dot_v2_dot_sim__pb2.InfoRequest.SerializeToString,
+                response_deserializer=protos_dot_sim_dot_v2_dot_sim__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_unary(
-                '/sim.v1.SimEncoder/Decode',
-                request_serializer=protos_dot_sim_dot_v1_dot_sim__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=protos_dot_sim_dot_v1_dot_sim__pb2.DecodeResponse.FromString,
+                '/sim.v2.SimEncoder/Decode',
+                request_serializer=protos_dot_sim_dot_v2_dot_sim__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=protos_dot_sim_dot_v2_dot_sim__pb2.DecodeResponse.FromString,
                 _registered_method=True)
 
 
 class SimEncoderServicer:
-    """Streams 16 kHz mono audio in, latent frames (posterior means, 10 ms top-level frames) and
-    per-frame out-of-distribution scores out.
+    """Streams mono audio in, latent frames (posterior means) and per-frame out-of-distribution scores out.
     """
 
     def StreamEncode(self, request_iterator, context):
         """Bidirectional stream. The first request carries `config`; every later one carries `audio`
-        (any number of samples; the server re-frames to 160-sample hops). Half-closing the request
+        (any number of samples; the server re-frames to the model's hop). Half-closing the request
         stream flushes the tail: the server emits the last frames, then ends the call with OK.
         The frames concatenated over the call equal the offline encoding of the same audio.
         """
@@ -87,30 +85,29 @@ def add_SimEncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'StreamEncode': grpc.stream_stream_rpc_method_handler(
                     servicer.StreamEncode,
-                    request_deserializer=protos_dot_sim_dot_v1_dot_sim__pb2.StreamEncodeRequest.FromString,
-                    response_serializer=protos_dot_sim_dot_v1_dot_sim__pb2.StreamEncodeResponse.SerializeToString,
+                    request_deserializer=protos_dot_sim_dot_v2_dot_sim__pb2.StreamEncodeRequest.FromString,
+                    response_serializer=protos_dot_sim_dot_v2_dot_sim__pb2.StreamEncodeResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_sim_dot_v1_dot_sim__pb2.InfoRequest.FromString,
-                    response_serializer=protos_dot_sim_dot_v1_dot_sim__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=protos_dot_sim_dot_v2_dot_sim__pb2.InfoRequest.FromString,
+                    response_serializer=protos_dot_sim_dot_v2_dot_sim__pb2.InfoResponse.SerializeToString,
             ),
             'Decode': grpc.unary_unary_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=protos_dot_sim_dot_v1_dot_sim__pb2.DecodeRequest.FromString,
-                    response_serializer=protos_dot_sim_dot_v1_dot_sim__pb2.DecodeResponse.SerializeToString,
+                    request_deserializer=protos_dot_sim_dot_v2_dot_sim__pb2.DecodeRequest.FromString,
+                    response_serializer=protos_dot_sim_dot_v2_dot_sim__pb2.DecodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'sim.v1.SimEncoder', rpc_method_handlers)
+            'sim.v2.SimEncoder', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('sim.v1.SimEncoder', rpc_method_handlers)
+    server.add_registered_method_handlers('sim.v2.SimEncoder', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
 class SimEncoder:
-    """Streams 16 kHz mono audio in, latent frames (posterior means, 10 ms top-level frames) and
-    per-frame out-of-distribution scores out.
+    """Streams mono audio in, latent frames (posterior means) and per-frame out-of-distribution scores out.
     """
 
     @staticmethod
@@ -127,9 +124,9 @@ class SimEncoder:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/sim.v1.SimEncoder/StreamEncode',
-            protos_dot_sim_dot_v1_dot_sim__pb2.StreamEncodeRequest.SerializeToString,
-            protos_dot_sim_dot_v1_dot_sim__pb2.StreamEncodeResponse.FromString,
+            '/sim.v2.SimEncoder/StreamEncode',
+            protos_dot_sim_dot_v2_dot_sim__pb2.StreamEncodeRequest.SerializeToString,
+            protos_dot_sim_dot_v2_dot_sim__pb2.StreamEncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -154,9 +151,9 @@ class SimEncoder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sim.v1.SimEncoder/Info',
-            protos_dot_sim_dot_v1_dot_sim__pb2.InfoRequest.SerializeToString,
-            protos_dot_sim_dot_v1_dot_sim__pb2.InfoResponse.FromString,
+            '/sim.v2.SimEncoder/Info',
+            protos_dot_sim_dot_v2_dot_sim__pb2.InfoRequest.SerializeToString,
+            protos_dot_sim_dot_v2_dot_sim__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -181,9 +178,9 @@ class SimEncoder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/sim.v1.SimEncoder/Decode',
-            protos_dot_sim_dot_v1_dot_sim__pb2.DecodeRequest.SerializeToString,
-            protos_dot_sim_dot_v1_dot_sim__pb2.DecodeResponse.FromString,
+            '/sim.v2.SimEncoder/Decode',
+            protos_dot_sim_dot_v2_dot_sim__pb2.DecodeRequest.SerializeToString,
+            protos_dot_sim_dot_v2_dot_sim__pb2.DecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,11 +36,12 @@ class StreamEncodeRequest(_message.Message):
     audio: bytes
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
-class Frame(_message.Message):
-    __slots__ = ("level", "index", "start_time", "mu", "logvar", "kl", "maha", "ood_score", "p_value", "ood")
+class LevelFrames(_message.Message):
+    __slots__ = ("level", "first_index", "count", "dim", "mu", "logvar", "kl", "maha", "ood_score", "p_value", "ood")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
     MU_FIELD_NUMBER: _ClassVar[int]
     LOGVAR_FIELD_NUMBER: _ClassVar[int]
     KL_FIELD_NUMBER: _ClassVar[int]
@@ -49,22 +50,23 @@ class Frame(_message.Message):
     P_VALUE_FIELD_NUMBER: _ClassVar[int]
     OOD_FIELD_NUMBER: _ClassVar[int]
     level: str
-    index: int
-    start_time: float
-    mu: _containers.RepeatedScalarFieldContainer[float]
-    logvar: _containers.RepeatedScalarFieldContainer[float]
-    kl: float
-    maha: float
-    ood_score: float
-    p_value: float
-    ood: bool
-    def __init__(self, level: _Optional[str] = ..., index: _Optional[int] = ..., start_time: _Optional[float] = ..., mu: _Optional[_Iterable[float]] = ..., logvar: _Optional[_Iterable[float]] = ..., kl: _Optional[float] = ..., maha: _Optional[float] = ..., ood_score: _Optional[float] = ..., p_value: _Optional[float] = ..., ood: _Optional[bool] = ...) -> None: ...
+    first_index: int
+    count: int
+    dim: int
+    mu: bytes
+    logvar: bytes
+    kl: bytes
+    maha: bytes
+    ood_score: bytes
+    p_value: bytes
+    ood: bytes
+    def __init__(self, level: _Optional[str] = ..., first_index: _Optional[int] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., mu: _Optional[bytes] = ..., logvar: _Optional[bytes] = ..., kl: _Optional[bytes] = ..., maha: _Optional[bytes] = ..., ood_score: _Optional[bytes] = ..., p_value: _Optional[bytes] = ..., ood: _Optional[bytes] = ...) -> None: ...
 
 class StreamEncodeResponse(_message.Message):
     __slots__ = ("frames",)
     FRAMES_FIELD_NUMBER: _ClassVar[int]
-    frames: _containers.RepeatedCompositeFieldContainer[Frame]
-    def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
+    frames: _containers.RepeatedCompositeFieldContainer[LevelFrames]
+    def __init__(self, frames: _Optional[_Iterable[_Union[LevelFrames, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -148,13 +150,13 @@ class DecodeRequest(_message.Message):
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     level: str
     num_frames: int
-    latents: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, level: _Optional[str] = ..., num_frames: _Optional[int] = ..., latents: _Optional[_Iterable[float]] = ...) -> None: ...
+    latents: bytes
+    def __init__(self, level: _Optional[str] = ..., num_frames: _Optional[int] = ..., latents: _Optional[bytes] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("sample_rate", "audio")
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     sample_rate: int
-    audio: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, sample_rate: _Optional[int] = ..., audio: _Optional[_Iterable[float]] = ...) -> None: ...
+    audio: bytes
+    def __init__(self, sample_rate: _Optional[int] = ..., audio: _Optional[bytes] = ...) -> None: ...

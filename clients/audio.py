@@ -1,0 +1,40 @@
+"""Audio files for the clients: any format soundfile reads, mixed down to mono and resampled."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class AudioFileError(ValueError):
+    """An audio file that cannot be used; the message names the file and the problem."""
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """A file's samples as float32 mono (channels averaged) and its sample rate."""
+    import soundfile as sf
+
+    path = Path(path)
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises several types; all mean "cannot read"
+        raise AudioFileError(f"{path}: cannot read audio ({exc})") from None
+    audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
+    if not np.all(np.isfinite(audio)):
+        raise AudioFileError(f"{path}: contains NaN or infinite samples")
+    return np.ascontiguousarray(audio, dtype=np.float32), int(rate)
+
+
+def resample(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """float32 samples at target_rate (soxr; the same array when the rates are equal)."""
+    if rate == target_rate:
+        return audio
+    import soxr
+
+    return np.ascontiguousarray(soxr.resample(audio, rate, target_rate), dtype=np.float32)
+
+
+def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """A file as float32 mono samples at sample_rate."""
+    audio, rate = read_audio(path)
+    return resample(audio, rate, sample_rate)
