@@ -59,12 +59,12 @@ def prepare_model(cache: Path, int8: bool = False) -> Path:
     """Full-size random SIM encoder exported to cache/model (once); calibration on a small corpus.
     With int8, cache/model_int8 with the step quantized (export --int8)."""
     from export.random_model import export_random_model
-    from train.model import ModelDims
+    from train.model import ModelSpec
 
     out = cache / ("model_int8" if int8 else "model")
     if not (out / "manifest.json").is_file():
         print(f"exporting a full-size random SIM encoder to {out} ...", file=sys.stderr, flush=True)
-    return export_random_model(out, bench_corpus(cache), ModelDims("sim", 512, 256), int8=int8, seed=0)
+    return export_random_model(out, bench_corpus(cache), ModelSpec("sim", 512, 256), int8=int8, seed=0)
 
 
 def speech_audio(cache: Path, seconds: float, sample_rate: int) -> np.ndarray:

@@ -16,13 +16,13 @@ import torch
 from train.audio import CROP_SAMPLES
 from train.cli import device_name, select_device
 from train.loss import SimLoss
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 from train.sim import train_step
 
 
 def measure(method: str, batch: int, steps: int, warmup: int, device: torch.device) -> float:
     torch.manual_seed(0)
-    dims = ModelDims(method)
+    dims = ModelSpec(method)
     encoder, criterion = Encoder(dims).to(device), SimLoss(dims).to(device)
     optimizer = torch.optim.Adam(list(encoder.parameters()) + list(criterion.parameters()), lr=2e-4)
     clips = torch.randn(batch, CROP_SAMPLES, device=device) * 0.1

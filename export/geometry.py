@@ -58,7 +58,7 @@ def state_spec(channels: int, hidden: int) -> list[dict]:
 
 def level_frames_per_graph(dims) -> dict[str, dict[str, int]]:
     """Frames each graph emits per call and level: {"step": {level: n}, "flush": {level: n}}, for a
-    model of these train.model.ModelDims (its conv modules end at their levels' layers; ar follows m3)."""
+    model of these train.model.ModelSpec (its conv modules end at their levels' layers; ar follows m3)."""
     res = {}
     for graph, counts in (("step", step_outputs()), ("flush", flush_outputs())):
         per = {name: counts[layers[-1]] for name, layers in dims.modules}

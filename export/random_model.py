@@ -1,7 +1,7 @@
 """Randomly initialised encoders exported like trained ones, for the tests and the benchmarks
 (where the graphs' shapes and the plumbing matter, not what a model has learnt).
 
-    export_random_model(out, corpus, ModelDims("sim", 512, 256), int8=True)
+    export_random_model(out, corpus, ModelSpec("sim", 512, 256), int8=True)
 
 writes the checkpoint (and decoders) next to `out` and runs `python -m export.onnx` on them once:
 a directory that already holds a manifest is reused.
@@ -17,12 +17,12 @@ import torch
 from serve.model_dir import MANIFEST
 from train.checkpoint import encoder_checkpoint, save_atomic
 from train.decoder import Decoder, save_decoder
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_checkpoint(path: Path, dims: ModelDims, seed: int | None = 0) -> Encoder:
+def write_checkpoint(path: Path, dims: ModelSpec, seed: int | None = 0) -> Encoder:
     """A random encoder of these dims saved as a training checkpoint; seed None continues torch's generator."""
     if seed is not None:
         torch.manual_seed(seed)
@@ -32,7 +32,7 @@ def write_checkpoint(path: Path, dims: ModelDims, seed: int | None = 0) -> Encod
     return encoder
 
 
-def write_decoders(directory: Path, levels, dims: ModelDims, seed: int | None = None) -> Path:
+def write_decoders(directory: Path, levels, dims: ModelSpec, seed: int | None = None) -> Path:
     """Random decoders for these levels, saved as directory/decoder_<level>.pt (seed None continues
     torch's generator)."""
     if seed is not None:
@@ -53,7 +53,7 @@ def decoders_of(out: Path) -> Path:
     return out.with_name(out.name + "_decoders")
 
 
-def export_random_model(out: Path, corpus: Path, dims: ModelDims, *, decoders=(), int8: bool = False,
+def export_random_model(out: Path, corpus: Path, dims: ModelSpec, *, decoders=(), int8: bool = False,
                         seed: int = 0, calibration_clips: int = 10, timeout: float | None = None) -> Path:
     """out: the exported directory of a random encoder (and decoders for those levels), calibrated on
     `calibration_clips` clips of corpus's test split, without the verification (the tests verify

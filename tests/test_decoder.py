@@ -17,7 +17,7 @@ from train.decoder import (
     save_decoder,
     train_decoder,
 )
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 
 TINY = dict(channels=32, hidden=16)
 
@@ -49,7 +49,7 @@ def test_transposed_layers_invert_each_layer_length():
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     dec = Decoder("m1", 32, width=24).eval()
-    dims = ModelDims("sim", **TINY).to_dict()
+    dims = ModelSpec("sim", **TINY).to_dict()
     path = save_decoder(dec, decoder_path(tmp_path, "m1"), dims, {"loss": "mse", "epochs": 3}, [0.5, 0.25])
     assert path.name == "decoder_m1.pt"
     raw = torch.load(path, weights_only=True)  # the format the export helper relies on
@@ -91,7 +91,7 @@ def test_training_reduces_the_loss(loss):
 def test_cli_trains_and_writes_wavs(small_corpus, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "ck.pt"
-    save_atomic(encoder_checkpoint(Encoder(ModelDims("sim", **TINY)), {"method": "sim"}), ckpt)
+    save_atomic(encoder_checkpoint(Encoder(ModelSpec("sim", **TINY)), {"method": "sim"}), ckpt)
     out = tmp_path / "dec"
     assert main(["--checkpoint", str(ckpt), "--corpus", str(small_corpus), "--level", "m2", "--epochs", "1",
                  "--examples", "2", "--out", str(out), "--device", "cpu"]) == 0

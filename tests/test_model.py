@@ -4,13 +4,13 @@ import torch
 
 from train.audio import HOP, LEFT_REACH, RECEPTIVE_FIELD, level_frames
 from train.loss import SimLoss
-from train.model import Encoder, ModelDims, fold_batch_norm, kl_to_standard_normal
+from train.model import Encoder, ModelSpec, fold_batch_norm, kl_to_standard_normal
 
 SMALL = dict(channels=32, hidden=16)
 
 
 def test_frame_counts_full_size():
-    enc = Encoder(ModelDims("sim")).eval()
+    enc = Encoder(ModelSpec("sim")).eval()
     out = enc(torch.randn(2, 10240))
     assert {k: v.mu.shape for k, v in out.items()} == {
         "m1": (2, 511, 512), "m2": (2, 129, 512), "m3": (2, 64, 512), "ar": (2, 64, 256)}
@@ -19,7 +19,7 @@ def test_frame_counts_full_size():
 
 @pytest.mark.parametrize("n", [100, 252, 253, 1000, 5000, 5003, 10240])
 def test_frame_counts_match_the_constants(n):
-    enc = Encoder(ModelDims("gim", **SMALL)).eval()
+    enc = Encoder(ModelSpec("gim", **SMALL)).eval()
     out = enc.encode(torch.randn(1, n))
     assert {k: v.shape[1] for k, v in out.items()} == level_frames(n)
 
@@ -27,7 +27,7 @@ def test_frame_counts_match_the_constants(n):
 def test_receptive_field_and_left_reach():
     """Frame f of m3 depends exactly on samples [160 f - 212, 160 f + 252]."""
     torch.manual_seed(0)
-    enc = Encoder(ModelDims("cpc", **SMALL)).double().eval()  # no gradient cut
+    enc = Encoder(ModelSpec("cpc", **SMALL)).double().eval()  # no gradient cut
     n = 3200
     x = torch.randn(1, n, dtype=torch.float64, requires_grad=True)
     m3 = enc(x)["m3"].mu
@@ -41,10 +41,10 @@ def test_receptive_field_and_left_reach():
 def test_gim_and_inference_are_deterministic_sim_training_samples():
     torch.manual_seed(0)
     x = torch.randn(2, 2000)
-    gim = Encoder(ModelDims("gim", **SMALL))
+    gim = Encoder(ModelSpec("gim", **SMALL))
     a, b = gim(x, sample=True), gim(x, sample=True)
     assert all(torch.equal(a[k].z, b[k].z) for k in a)
-    sim = Encoder(ModelDims("sim", **SMALL))
+    sim = Encoder(ModelSpec("sim", **SMALL))
     a, b = sim(x, sample=True), sim(x, sample=True)
     assert not torch.equal(a["m1"].z, b["m1"].z)
     assert not torch.equal(a["m1"].z, a["m1"].context)  # context is a second, independent sample
@@ -64,7 +64,7 @@ def test_kl_matches_torch_distributions():
 
 def _grads_of(method, level):
     torch.manual_seed(0)
-    dims = ModelDims(method, **SMALL)
+    dims = ModelSpec(method, **SMALL)
     enc, crit = Encoder(dims), SimLoss(dims)
     nce, _, kl = crit.module_losses(enc(torch.randn(2, 4000), sample=True))[level]
     (nce if kl is None else nce + kl).backward()
@@ -89,7 +89,7 @@ def test_cpc_trains_end_to_end():
 
 def test_kl_term_backpropagates_to_its_module_only():
     torch.manual_seed(0)
-    dims = ModelDims("sim", **SMALL)
+    dims = ModelSpec("sim", **SMALL)
     enc, crit = Encoder(dims), SimLoss(dims, beta=1.0)
     total, stats = crit(enc(torch.randn(2, 4000), sample=True))
     assert set(stats) >= {"nce_m1", "kl_m1", "nce_m2", "kl_m2", "nce_m3", "kl_m3", "nce_ar", "loss"}
@@ -99,7 +99,7 @@ def test_kl_term_backpropagates_to_its_module_only():
 
 def test_batch_norm_sits_between_conv_and_relu_and_folds_exactly():
     torch.manual_seed(0)
-    enc = Encoder(ModelDims("sim", batch_norm=True, **SMALL))
+    enc = Encoder(ModelSpec("sim", batch_norm=True, **SMALL))
     assert all(len(m.norms) == len(m.convs) for m in enc.convs.values())
     enc.train()
     for _ in range(3):  # move the running statistics away from their initial values
@@ -113,5 +113,5 @@ def test_batch_norm_sits_between_conv_and_relu_and_folds_exactly():
     a, b = enc.encode(x), folded.encode(x)
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
-    plain = Encoder(ModelDims("gim", **SMALL))
+    plain = Encoder(ModelSpec("gim", **SMALL))
     assert fold_batch_norm(plain) is plain

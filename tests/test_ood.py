@@ -7,7 +7,7 @@ import torch
 from train.corpus import load_corpus
 from train.curves import main as curves_main
 from train.curves import read_scalars, smooth
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 from train.ood import GaussianScore, auroc, format_tables, ood_separation, synthetic_signals
 
 
@@ -37,7 +37,7 @@ def test_synthetic_signals_have_the_stated_levels():
 
 def test_ood_separation_on_real_words(small_corpus):
     torch.manual_seed(0)
-    enc = Encoder(ModelDims("sim", channels=16, hidden=8, batch_norm=True)).eval()
+    enc = Encoder(ModelSpec("sim", channels=16, hidden=8, batch_norm=True)).eval()
     utts = {s: load_corpus(small_corpus, s)[:6] for s in ("train", "test", "test_voice")}
     res = ood_separation(enc, utts, n_synthetic=6)
     assert set(res["auroc"]) == {"kl", "maha"}

@@ -13,7 +13,7 @@ from train.checkpoint import encoder_checkpoint, save_atomic
 from train.concentration import near_zero, scaled, top_share
 from train.corpus import SYLLABLES, VOWELS, load_corpus
 from train.features import encode_levels, fit_length
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 from train.probe import (
     ProbeData,
     accuracy,
@@ -113,7 +113,7 @@ def test_probe_data_from_corpus(small_corpus):
 @pytest.mark.parametrize("method", ["sim", "gim", "cpc"])
 def test_features_every_level(method):
     torch.manual_seed(0)
-    enc = Encoder(ModelDims(method, **TINY)).eval()
+    enc = Encoder(ModelSpec(method, **TINY)).eval()
     audio = torch.randn(3, 4000)
     out = encode_levels(enc, audio, ("m1", "m2", "m3", "ar"), batch=2)
     frames = level_frames(4000)
@@ -132,7 +132,7 @@ def test_features_every_level(method):
 def test_cli_writes_json(small_corpus, tmp_path, capsys):
     torch.manual_seed(0)
     ckpt = tmp_path / "ck.pt"
-    save_atomic(encoder_checkpoint(Encoder(ModelDims("gim", **TINY)), {"method": "gim"}), ckpt)
+    save_atomic(encoder_checkpoint(Encoder(ModelSpec("gim", **TINY)), {"method": "gim"}), ckpt)
     out = tmp_path / "probe.json"
     assert main(["--checkpoint", str(ckpt), "--corpus", str(small_corpus), "--seeds", "2", "--epochs", "3",
                  "--level", "m2", "--no-bias", "--out", str(out), "--device", "cpu"]) == 0

@@ -14,7 +14,7 @@ from train.checkpoint import encoder_checkpoint, save_atomic
 from train.corpus import load_corpus
 from train.decoder import Decoder, load_decoder
 from train.interpolate import interpolate, pick_words
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 from train.report import main
 from train.traverse import rank_dims, set_dims, sweep
 
@@ -24,7 +24,7 @@ TINY = dict(channels=32, hidden=16)
 def make_run(root, method: str, seed: int = 0):
     torch.manual_seed(seed)
     run = root / method
-    save_atomic(encoder_checkpoint(Encoder(ModelDims(method, **TINY)), {"method": method, "beta": 0.0033}),
+    save_atomic(encoder_checkpoint(Encoder(ModelSpec(method, **TINY)), {"method": method, "beta": 0.0033}),
                 run / "checkpoint.pt")
     return run
 
@@ -85,7 +85,7 @@ def test_report_user_errors(tmp_path, capsys):
 
 def test_interpolation_ends_are_the_two_words():
     torch.manual_seed(0)
-    enc = Encoder(ModelDims("sim", **TINY)).eval()
+    enc = Encoder(ModelSpec("sim", **TINY)).eval()
     dec = Decoder("m2", 32, width=8).eval()
     a, b = torch.randn(4000), torch.randn(4000)
     out = interpolate(enc, dec, "m2", a, b, [0.0, 0.5, 1.0])

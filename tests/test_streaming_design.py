@@ -10,7 +10,7 @@ from export.offline import offline_levels
 from export.scores import make_scorers
 from export.streaming import StreamingFlush, StreamingStep, level_dims_of, stream_torch
 from train.audio import CONV_LAYERS, HOP, LEFT_REACH, RECEPTIVE_FIELD, frames_per_layer, level_frames
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 
 SMALL = dict(channels=32, hidden=16)
 LENGTHS = sorted(set(range(1, 701, 9)) | {252, 253, 254, 413, 5000, 5003})
@@ -27,7 +27,7 @@ def one_torch_thread():
 
 def small_encoder(method: str, seed: int = 0) -> Encoder:
     torch.manual_seed(seed)
-    return Encoder(ModelDims(method=method, **SMALL)).eval()
+    return Encoder(ModelSpec(method=method, **SMALL)).eval()
 
 
 def random_gaussians(enc: Encoder, seed: int = 0) -> dict:
@@ -55,8 +55,8 @@ def test_geometry_follows_from_the_layer_table():
     spec = state_spec(32, 16)
     assert [s["name"] for s in spec] == ["cache_0", "cache_1", "cache_2", "cache_3", "cache_4", "gru_h", "started"]
     assert [s["shape"] for s in spec][:2] == [[7, 1], [5, 32]] and spec[5]["shape"] == [16]
-    assert level_frames_per_graph(ModelDims("sim"))["step"] == {"m1": 8, "m2": 2, "m3": 1, "ar": 1}
-    assert level_frames_per_graph(ModelDims("cpc"))["flush"] == {"m3": 2, "ar": 2}
+    assert level_frames_per_graph(ModelSpec("sim"))["step"] == {"m1": 8, "m2": 2, "m3": 1, "ar": 1}
+    assert level_frames_per_graph(ModelSpec("cpc"))["flush"] == {"m3": 2, "ar": 2}
 
 
 def test_offline_reference_is_the_encoder():
@@ -150,7 +150,7 @@ def test_flush_ignores_samples_beyond_tail_len():
 
 def test_full_size_shapes_and_equivalence():
     torch.manual_seed(0)
-    enc = Encoder(ModelDims(method="sim")).eval()
+    enc = Encoder(ModelSpec(method="sim")).eval()
     step = StreamingStep(enc).eval()
     with torch.no_grad():
         out = dict(zip(step.output_names(), step(torch.randn(2, HOP), *step.initial_state(2))))

@@ -94,10 +94,10 @@ def test_batch_norm_model_exports_folded_and_streams_like_offline(tmp_path, smal
 
     from export.onnx import main
     from train.checkpoint import encoder_checkpoint, save_atomic
-    from train.model import Encoder, ModelDims
+    from train.model import Encoder, ModelSpec
 
     torch.manual_seed(2)
-    enc = Encoder(ModelDims("sim", channels=32, hidden=16, batch_norm=True))
+    enc = Encoder(ModelSpec("sim", channels=32, hidden=16, batch_norm=True))
     with torch.no_grad():  # BatchNorm parameters and statistics far from the identity
         for module in enc.convs.values():
             for norm in module.norms:

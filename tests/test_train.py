@@ -32,9 +32,9 @@ def test_short_training_run_lowers_the_loss(small_corpus, tmp_path):
     assert saved["epoch"] == 10 and saved["step"] == 10 * 4
     # Untrained encoder with the same seed = the starting point; compare on the training clips.
     torch.manual_seed(cfg.seed)
-    from train.model import Encoder, ModelDims
+    from train.model import Encoder, ModelSpec
 
-    start = Encoder(ModelDims(**saved["dims"]))
+    start = Encoder(ModelSpec(**saved["dims"]))
     cfg = TrainConfig.from_dict(saved["config"])
     train_ds, _ = build_datasets(cfg)
     crit = SimLoss(start.dims)
@@ -186,10 +186,10 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
 def test_encode_cli_matches_the_encoder(small_corpus, tmp_path):
     from train.checkpoint import encoder_checkpoint, save_atomic
     from train.corpus import load_corpus
-    from train.model import Encoder, ModelDims
+    from train.model import Encoder, ModelSpec
 
     torch.manual_seed(0)
-    enc = Encoder(ModelDims("sim", 32, 16)).eval()
+    enc = Encoder(ModelSpec("sim", 32, 16)).eval()
     save_atomic(encoder_checkpoint(enc), tmp_path / "c.pt")
     wav = load_corpus(small_corpus, "test")[0].path
     res = subprocess.run([sys.executable, "-m", "train.encode", str(wav), "--checkpoint", str(tmp_path / "c.pt"),

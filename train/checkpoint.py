@@ -2,7 +2,7 @@
 
 A checkpoint is a dict:
   format       "sim-checkpoint/1"
-  dims         ModelDims as a dict (method, channels, hidden)
+  dims         ModelSpec as a dict (method, channels, hidden)
   model        Encoder.state_dict()
   loss         SimLoss.state_dict() (InfoNCE predictors), needed to resume
   optimizer    optimiser state, needed to resume
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 
 FORMAT = "sim-checkpoint/1"
 
@@ -83,7 +83,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
     """The trained encoder in eval mode, and the checkpoint dict it came from."""
     ckpt = load(path, map_location)
     try:
-        encoder = Encoder(ModelDims(**ckpt["dims"]))
+        encoder = Encoder(ModelSpec(**ckpt["dims"]))
         encoder.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the model ({exc})") from None

@@ -19,7 +19,7 @@ Saved file DIR/decoder_<level>.pt, a dict written with train.checkpoint.save_ato
 with weights_only=True:
   format   "sim-decoder/1"
   level    "m1" | "m2" | "m3"
-  dims     the encoder's ModelDims dict (method, channels, hidden)
+  dims     the encoder's ModelSpec dict (method, channels, hidden)
   arch     {"in_channels", "width", "layers": [[k, s, p], ...], "extra"}
   config   training configuration (loss, epochs, lr, batch, checkpoint, ...)
   history  per-epoch mean training loss

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.model import LevelOutput, ModelDims, kl_to_standard_normal
+from train.model import LevelOutput, ModelSpec, kl_to_standard_normal
 
 PREDICTION_STEPS = 10
 NEGATIVES = 10
@@ -90,7 +90,7 @@ def kl_term(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 class SimLoss(nn.Module):
     """One InfoNCE (+ KL) per trained module. For CPC a single loss on the GRU output."""
 
-    def __init__(self, dims: ModelDims, beta: float = 0.0033, negatives_from: str = "sequence"):
+    def __init__(self, dims: ModelSpec, beta: float = 0.0033, negatives_from: str = "sequence"):
         super().__init__()
         self.dims, self.beta = dims, beta  # beta may be changed between steps (KL warm-up)
         heads = {}

@@ -19,7 +19,7 @@ METHODS = ("sim", "gim", "cpc")
 
 
 @dataclass(frozen=True)
-class ModelDims:
+class ModelSpec:
     method: str = "sim"
     channels: int = 512  # conv and latent width
     hidden: int = 256  # GRU width
@@ -102,7 +102,7 @@ class LevelOutput:
 
 
 class Encoder(nn.Module):
-    def __init__(self, dims: ModelDims = ModelDims()):
+    def __init__(self, dims: ModelSpec = ModelSpec()):
         super().__init__()
         self.dims = dims
         in_ch = 1

@@ -38,7 +38,7 @@ from torch import nn
 
 from train.audio import AR, LEVELS
 from train.features import Syllables, encode_levels, syllable_crops, syllable_length
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 
 TASKS = {"vowel": 3, "syllable": 9}
 EVAL_SPLITS = ("val", "test", "test_voice")
@@ -242,7 +242,7 @@ def evaluate_encoder(encoder: Encoder, data: ProbeData, *, level: str = "ar", se
 # Baselines
 # ----------------------------------------------------------------------------------------------
 
-def random_init_baseline(dims: ModelDims, data: ProbeData, *, level: str = "ar", seeds=(0, 1, 2),
+def random_init_baseline(dims: ModelSpec, data: ProbeData, *, level: str = "ar", seeds=(0, 1, 2),
                          epochs: int = 50, device="cpu", progress: bool = False) -> dict:
     """A fresh randomly initialised encoder per seed, frozen and probed like a trained one."""
     from tqdm import tqdm
@@ -263,16 +263,16 @@ def random_init_baseline(dims: ModelDims, data: ProbeData, *, level: str = "ar",
 class Supervised(nn.Module):
     """The encoder plus a linear head on its time-averaged GRU output, trained end to end."""
 
-    def __init__(self, dims: ModelDims, n_classes: int):
+    def __init__(self, dims: ModelSpec, n_classes: int):
         super().__init__()
-        self.encoder = Encoder(ModelDims("cpc", dims.channels, dims.hidden))  # no gradient cuts
+        self.encoder = Encoder(ModelSpec("cpc", dims.channels, dims.hidden))  # no gradient cuts
         self.head = nn.Linear(dims.hidden, n_classes)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(audio)["ar"].mu.mean(1))
 
 
-def train_supervised(dims: ModelDims, data: ProbeData, task: str, *, epochs: int = 10, lr: float = 2e-4,
+def train_supervised(dims: ModelSpec, data: ProbeData, task: str, *, epochs: int = 10, lr: float = 2e-4,
                      batch: int = 64, seed: int = 0, device="cpu", progress: bool = False) -> Supervised:
     from tqdm import tqdm
 
@@ -301,7 +301,7 @@ def _batched_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device
     return 100.0 * float((pred == y).float().mean())
 
 
-def supervised_baseline(dims: ModelDims, data: ProbeData, *, seeds=(0, 1, 2), epochs: int = 10, device="cpu",
+def supervised_baseline(dims: ModelSpec, data: ProbeData, *, seeds=(0, 1, 2), epochs: int = 10, device="cpu",
                         progress: bool = False) -> dict:
     """The "supervised" row of Table 2: the same architecture trained end to end per task and seed."""
     out = {}
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result["probe"], f"{result['method']} {args.level} probe (accuracy %, mean ± std over "
                                         f"{len(seeds)} seeds)"))
     if args.baselines:
-        dims = ModelDims(**ckpt["dims"])
+        dims = ModelSpec(**ckpt["dims"])
         result["random"] = random_init_baseline(dims, data, level=args.level, seeds=seeds, epochs=args.epochs,
                                                 device=device, progress=True)
         result["supervised"] = supervised_baseline(dims, data, seeds=seeds, epochs=args.supervised_epochs,

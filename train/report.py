@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import CheckpointError, load, trained_corpus
     from train.cli import add_device_arg, fail, int_at_least, non_negative_int, positive_int, select_device
     from train.corpus import find_corpus, load_split
-    from train.model import ModelDims
+    from train.model import ModelSpec
     from train.probe import ProbeData, random_init_baseline, supervised_baseline
 
     ap = argparse.ArgumentParser(prog="python -m train.report", description=(
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as exc:
             return fail(str(exc))
     if not args.no_baselines:
-        dims = ModelDims(**first["dims"])
+        dims = ModelSpec(**first["dims"])
         seeds = tuple(range(args.seeds))
         log("baseline: random-init encoder")
         results["baselines"]["random"] = random_init_baseline(dims, data, seeds=seeds, epochs=args.probe_epochs,

@@ -29,7 +29,7 @@ from train.config import CPU, PRESETS, TrainConfig
 from train.corpus import CorpusError
 from train.data import DataError
 from train.loss import SimLoss
-from train.model import METHODS, Encoder, ModelDims
+from train.model import METHODS, Encoder, ModelSpec
 
 # Config keys that define what a run trains; a resumed run keeps its checkpoint's values for them.
 RUN_DEFINING = ("method", "beta", "seed", "data", "crop", "channels", "hidden", "max_clips", "preset",
@@ -314,7 +314,7 @@ def build_run(cfg: TrainConfig, device: torch.device, resumed: dict | None) -> R
         cfg = replace(cfg, corpus_dir=str(ensure_corpus(cfg.corpus_dir, seed=0)))
     train_ds, val_ds = build_datasets(cfg)
     cfg = replace(cfg, epochs=cfg.epochs_for(len(train_ds)))
-    dims = ModelDims(cfg.method, cfg.channels, cfg.hidden, cfg.batch_norm)
+    dims = ModelSpec(cfg.method, cfg.channels, cfg.hidden, cfg.batch_norm)
     encoder = Encoder(dims).to(device)
     criterion = SimLoss(dims, beta=cfg.beta, negatives_from=cfg.negatives).to(device)
     optimizer = torch.optim.Adam(list(encoder.parameters()) + list(criterion.parameters()), lr=cfg.lr)

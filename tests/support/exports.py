@@ -1,7 +1,7 @@
 """Helpers for the export and streaming-runtime tests: small random models and their exports.
 
 export_small(method, root, corpus, decoders) runs the real CLI `python -m export.onnx` (in process) on
-a small randomly initialised model (ModelDims(channels=32, hidden=16)) with the small real corpus,
+a small randomly initialised model (ModelSpec(channels=32, hidden=16)) with the small real corpus,
 once per test session and (method, decoders); conftest's `exported` fixture calls it.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from export.random_model import write_checkpoint as write_random_checkpoint
 from export.random_model import write_decoders as write_random_decoders
-from train.model import Encoder, ModelDims
+from train.model import Encoder, ModelSpec
 
 SMALL = dict(channels=32, hidden=16)
 _EXPORTS: dict[tuple[str, bool], Path] = {}
@@ -32,17 +32,17 @@ def one_torch_thread():
 
 def small_encoder(method: str, seed: int = 0) -> Encoder:
     torch.manual_seed(seed)
-    return Encoder(ModelDims(method=method, **SMALL)).eval()
+    return Encoder(ModelSpec(method=method, **SMALL)).eval()
 
 
 def write_checkpoint(path: Path, method: str, seed: int = 0) -> Path:
-    write_random_checkpoint(path, ModelDims(method=method, **SMALL), seed)
+    write_random_checkpoint(path, ModelSpec(method=method, **SMALL), seed)
     return path
 
 
 def write_decoders(directory: Path, levels=("m1", "m2", "m3"), channels: int = SMALL["channels"],
                    method: str = "sim") -> Path:
-    return write_random_decoders(directory, levels, ModelDims(method, channels, SMALL["hidden"]), seed=5)
+    return write_random_decoders(directory, levels, ModelSpec(method, channels, SMALL["hidden"]), seed=5)
 
 
 def export_small(method: str, root: Path, corpus: Path, decoders: bool = False) -> Path:

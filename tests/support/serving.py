@@ -23,11 +23,11 @@ def model_dir(base: Path, corpus: Path) -> tuple[Path, Path]:
     """(exported model dir, checkpoint) of a small random SIM encoder (channels 32, GRU 16) with an m3
     decoder, built once under base; later calls reuse it."""
     from export.random_model import checkpoint_of, export_random_model
-    from train.model import ModelDims
+    from train.model import ModelSpec
 
     out = base / "serve_model" / "model"
     with _build_lock:
-        export_random_model(out, corpus, ModelDims(method="sim", channels=32, hidden=16), decoders=("m3",),
+        export_random_model(out, corpus, ModelSpec(method="sim", channels=32, hidden=16), decoders=("m3",),
                             seed=1234, timeout=300)
     return out, checkpoint_of(out)
 
