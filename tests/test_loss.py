@@ -63,14 +63,19 @@ def test_negatives_come_from_the_whole_sequence_by_default():
     assert abs(float(loss.detach()) - math.log(11)) < 1e-9  # every candidate equal: chance
 
 
-def test_accuracy_counts_positives_ranked_first():
-    torch.manual_seed(0)
-    B, L, D = 4, 64, 16
+def rotating_sequence(B: int, L: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A predictable sequence (B, L, D): each vector is a fixed rotation of the previous one; and the rotation."""
     rot = torch.linalg.qr(torch.randn(D, D))[0]
     z = [torch.randn(B, D)]
     for _ in range(L - 1):
         z.append(z[-1] @ rot)
-    seq = 3 * torch.stack(z, 1)
+    return 3 * torch.stack(z, 1), rot
+
+
+def test_accuracy_counts_positives_ranked_first():
+    torch.manual_seed(0)
+    D = 16
+    seq, rot = rotating_sequence(4, 64, D)
     nce = InfoNCE(D, D, steps=1, negatives=10, window=64)
     nce.predictor.weight.data.copy_(rot.T * 10)  # predicts z_{t+1} = z_t @ rot exactly (scaled)
     loss, acc = nce(seq, seq)
@@ -96,12 +101,7 @@ def _fit(targets, steps=150):
 def test_predictable_sequence_scores_lower_than_noise():
     torch.manual_seed(0)
     B, L, D = 8, 64, 16
-    # A predictable sequence: each vector is a fixed rotation of the previous one.
-    rot = torch.linalg.qr(torch.randn(D, D))[0]
-    z = [torch.randn(B, D)]
-    for _ in range(L - 1):
-        z.append(z[-1] @ rot)
-    predictable = 3 * torch.stack(z, 1)
+    predictable, _ = rotating_sequence(B, L, D)
     noise = 3 * torch.randn(B, L, D)
     chance = math.log(11)
     assert _fit(predictable) < 0.3 * chance
