@@ -51,7 +51,7 @@ def synthetic_signals(n_per_kind: int, seed: int = 0) -> dict[str, list[np.ndarr
 
 
 @torch.no_grad()
-def level_frames(encoder: Encoder, audio: np.ndarray, device) -> dict[str, dict[str, torch.Tensor]]:
+def posterior_frames(encoder: Encoder, audio: np.ndarray, device) -> dict[str, dict[str, torch.Tensor]]:
     """level -> {"mu": (T, C), "kl": (T,) if variational} for one waveform."""
     out = encoder.forward(torch.from_numpy(np.ascontiguousarray(audio, np.float32))[None].to(device))
     res = {}
@@ -77,12 +77,11 @@ class GaussianScore:
         return ((d @ self.precision) * d).sum(-1)
 
 
-def utterance_scores(encoder: Encoder, audios: list[np.ndarray], gaussians: dict[str, GaussianScore], device
-                     ) -> dict[str, dict[str, np.ndarray]]:
-    """score kind -> level -> (N,) mean per-frame score of each waveform."""
+def utterance_scores(frames: list[dict], gaussians: dict[str, GaussianScore]) -> dict[str, dict[str, np.ndarray]]:
+    """score kind -> level -> (N,) mean per-frame score of each utterance's posterior_frames."""
     scores: dict[str, dict[str, list[float]]] = {"kl": {}, "maha": {}}
-    for audio in audios:
-        for level, f in level_frames(encoder, audio, device).items():
+    for per_level in frames:
+        for level, f in per_level.items():
             scores["maha"].setdefault(level, []).append(float(gaussians[level](f["mu"].cpu()).mean()))
             if "kl" in f:
                 scores["kl"].setdefault(level, []).append(float(f["kl"].mean()))
@@ -100,21 +99,21 @@ def ood_separation(encoder: Encoder, utterances: dict[str, list], *, n_synthetic
     def load(utts) -> list[np.ndarray]:
         return [load_audio(u.path) for u in utts]
 
+    def encode(audios) -> list[dict]:
+        return [posterior_frames(encoder, a, device) for a in audios]
+
     encoder = fold_batch_norm(encoder).eval().to(device)
-    train, test = load(utterances["train"]), load(utterances["test"])
-    fit: dict[str, list[torch.Tensor]] = {}
-    for audio in train:
-        for level, f in level_frames(encoder, audio, device).items():
-            fit.setdefault(level, []).append(f["mu"].cpu())
-    gaussians = {lv: GaussianScore(torch.cat(v)) for lv, v in fit.items()}
+    test = load(utterances["test"])
+    train_frames = encode(load(utterances["train"]))  # encoded once: fits the Gaussians and the standardisation
+    gaussians = {lv: GaussianScore(torch.cat([f[lv]["mu"].cpu() for f in train_frames])) for lv in train_frames[0]}
     signals = {"time-reversed words": [a[::-1].copy() for a in test], **synthetic_signals(n_synthetic, seed),
                "held-out voice words": load(utterances["test_voice"])}
-    reference = utterance_scores(encoder, train, gaussians, device)
-    negative = utterance_scores(encoder, test, gaussians, device)
-    result: dict = {"n": {"train": len(train), "test": len(test), **{k: len(v) for k, v in signals.items()}},
+    reference = utterance_scores(train_frames, gaussians)
+    negative = utterance_scores(encode(test), gaussians)
+    result: dict = {"n": {"train": len(train_frames), "test": len(test), **{k: len(v) for k, v in signals.items()}},
                     "auroc": {}, "mean_score": {}}
     for name, audios in signals.items():
-        positive = utterance_scores(encoder, audios, gaussians, device)
+        positive = utterance_scores(encode(audios), gaussians)
         for kind, per_level in positive.items():
             table = result["auroc"].setdefault(kind, {})
             means = result["mean_score"].setdefault(kind, {})
