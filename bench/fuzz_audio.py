@@ -8,7 +8,8 @@ the server's audio-message decoding (serve/audio_codec.py), the clients' file lo
     python bench/fuzz_audio.py CRASH_FILE              # run one input again (a crash libFuzzer saved)
 
 Any argument is passed to libFuzzer (`-help=1` lists them). It starts from small valid wav and
-flac files (mono and stereo, 16 and 8 kHz, PCM16 and float) written to a temporary folder. Each
+flac files (mono and stereo, 16 and 8 kHz, PCM16 and float) written to a temporary folder
+(under $TMPDIR; libFuzzer exits without Python's clean-up, so the folder stays). Each
 input's first byte picks the path; the rest is the message or the file. A path may refuse an input
 only with its documented error (StreamError, AudioFileError, AudioError); any other exception,
 a hang past -timeout, a crash of the process, or samples that are not finite float32 mono is a

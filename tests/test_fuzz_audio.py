@@ -2,6 +2,7 @@
 for a bounded number of inputs; and the inputs it (or its checks) found, kept as regression tests."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 import numpy as np
@@ -19,8 +20,9 @@ RUNS = 3000  # about 6 s on the 2-core development VM; longer runs: -max_total_t
 
 def test_fuzz_target_finds_nothing_in_a_bounded_run(tmp_path):
     pytest.importorskip("atheris", reason="atheris is in the dev extra (Linux): pip install -e '.[dev]'")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # its scratch files and seeds: removed with tmp_path
     run = subprocess.run([PY, str(ROOT / "bench" / "fuzz_audio.py"), f"-runs={RUNS}", "-seed=1"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
     assert f"Done {RUNS} runs" in out
