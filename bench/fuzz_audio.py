@@ -18,6 +18,7 @@ finding: libFuzzer stops and writes the input to crash-<sha1> in the current fol
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -114,6 +115,11 @@ def main() -> None:
         args.append(str(write_seeds(SCRATCH / "seeds")))
     if not any(a.startswith("-timeout=") for a in args):
         args.insert(1, "-timeout=20")
+    if not any(a.startswith("-rss_limit_mb=") for a in args):
+        # libFuzzer watches the peak RSS (getrusage), which Linux carries over from the process that
+        # started this one (pytest with models loaded: gigabytes): 2 GiB above where it starts
+        start_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        args.insert(1, f"-rss_limit_mb={start_mb + 2048}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     atheris.Setup(args, test_one_input)
     atheris.Fuzz()
