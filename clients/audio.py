@@ -37,4 +37,8 @@ def resample(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """A file as float32 mono samples at sample_rate."""
     audio, rate = read_audio(path)
-    return resample(audio, rate, sample_rate)
+    out = resample(audio, rate, sample_rate)
+    if out is not audio and not np.all(np.isfinite(out)):  # finite samples near the float32 limit
+        raise AudioFileError(f"{path}: samples far outside [-1, 1] overflow when resampled from {rate} to "
+                             f"{sample_rate} Hz")
+    return out

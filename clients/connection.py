@@ -21,6 +21,9 @@ def add_connection_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA (or self-signed) certificate")
     g.add_argument("--tls-server-name", metavar="NAME", help="expected name in the server certificate, when it "
                                                               "differs from HOST")
+    g.add_argument("--tls-client-cert", metavar="PEM", help="present this certificate (mutual TLS; with "
+                                                             "--tls-client-key)")
+    g.add_argument("--tls-client-key", metavar="PEM", help="private key of --tls-client-cert")
     g.add_argument("--token-file", metavar="FILE", help="file holding the bearer token the server asks for")
     g.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server to be reachable "
                                                                "(default %(default)s)")
@@ -50,14 +53,21 @@ def connect(args: argparse.Namespace, wait: bool = True) -> Connection:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     if args.tls_server_name:
         options.append(("grpc.ssl_target_name_override", args.tls_server_name))
-    if args.tls or args.tls_ca:
-        root = None
-        if args.tls_ca:
+    client_cert, client_key = getattr(args, "tls_client_cert", None), getattr(args, "tls_client_key", None)
+    if bool(client_cert) != bool(client_key):
+        raise ClientError("--tls-client-cert and --tls-client-key go together")
+    tls = bool(args.tls or args.tls_ca or client_cert)
+    if tls:
+        pem = {}
+        for flag, path in (("--tls-ca", args.tls_ca), ("--tls-client-cert", client_cert),
+                           ("--tls-client-key", client_key)):
             try:
-                root = Path(args.tls_ca).read_bytes()
+                pem[flag] = Path(path).read_bytes() if path else None
             except OSError as exc:
-                raise ClientError(f"--tls-ca {args.tls_ca}: {exc.strerror}") from None
-        channel = grpc.secure_channel(args.server, grpc.ssl_channel_credentials(root_certificates=root), options)
+                raise ClientError(f"{flag} {path}: {exc.strerror}") from None
+        creds = grpc.ssl_channel_credentials(root_certificates=pem["--tls-ca"], private_key=pem["--tls-client-key"],
+                                             certificate_chain=pem["--tls-client-cert"])
+        channel = grpc.secure_channel(args.server, creds, options)
     else:
         channel = grpc.insecure_channel(args.server, options)
     if wait:
@@ -66,7 +76,7 @@ def connect(args: argparse.Namespace, wait: bool = True) -> Connection:
         except grpc.FutureTimeoutError:
             channel.close()
             raise ClientError(f"cannot reach the server at {args.server} within {args.timeout:g} s "
-                              f"(is it running{', with TLS' if not (args.tls or args.tls_ca) else ''}?)") from None
+                              f"(is it running{', with TLS' if not tls else ''}?)") from None
     return Connection(channel, pb_grpc.SimEncoderStub(channel), metadata)
 
 

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; off if unset)")
     ap.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key serves TLS only")
     ap.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    ap.add_argument("--tls-client-ca", help="PEM CA certificate(s): with --tls-cert, every client must present a "
+                                            "certificate signed by one of them (mutual TLS)")
     ap.add_argument("--token-file", help="file holding a bearer token; calls must send 'authorization: Bearer TOKEN' "
                                          "(the health service stays open)")
     d = Limits()
@@ -33,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-streams", type=int, default=d.max_streams, help="concurrent streams; more get RESOURCE_EXHAUSTED (default %(default)s)")
     ap.add_argument("--max-stream-seconds", type=float, default=d.max_stream_seconds,
                     help="audio per stream; longer streams end with OUT_OF_RANGE (default %(default)s)")
+    ap.add_argument("--max-streams-per-connection", type=int, default=d.max_streams_per_connection,
+                    help="concurrent streams on one client connection; more get RESOURCE_EXHAUSTED (0: only "
+                         "--max-streams) (default %(default)s)")
+    ap.add_argument("--max-streams-per-peer", type=int, default=d.max_streams_per_peer,
+                    help="concurrent streams from one client address over all its connections; more get "
+                         "RESOURCE_EXHAUSTED (0: no limit; behind a load balancer every stream comes from the "
+                         "balancer's address) (default %(default)s)")
+    ap.add_argument("--max-metadata-bytes", type=int, default=d.max_metadata_bytes,
+                    help="request metadata (headers) per call; larger is refused (default %(default)s)")
     ap.add_argument("--idle-timeout", type=float, default=d.idle_timeout_seconds,
                     help="seconds a stream may send nothing before it ends with OUT_OF_RANGE (0: no limit) (default %(default)s)")
     ap.add_argument("--drain-grace", type=float, default=30.0, help="seconds open streams get to finish on SIGTERM (default %(default)s)")
@@ -63,17 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         return fail("--tls-cert and --tls-key go together")
-    for flag in ("tls_cert", "tls_key", "token_file"):
+    if args.tls_client_ca and not args.tls_cert:
+        return fail("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    for flag in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             return fail(f"--{flag.replace('_', '-')} {path}: no such file")
-    for flag, what in (("tls_cert", "CERTIFICATE"), ("tls_key", "PRIVATE KEY")):
+    for flag, what in (("tls_cert", "CERTIFICATE"), ("tls_key", "PRIVATE KEY"), ("tls_client_ca", "CERTIFICATE")):
         path = getattr(args, flag)
         if path and what not in Path(path).read_text(errors="replace"):
             return fail(f"--{flag.replace('_', '-')} {path}: not a PEM {what.lower()}")
-    for flag in ("max_message_bytes", "max_streams", "max_stream_seconds"):
+    for flag in ("max_message_bytes", "max_streams", "max_stream_seconds", "max_metadata_bytes"):
         if getattr(args, flag) <= 0:
             return fail(f"--{flag.replace('_', '-')} must be positive")
+    for flag in ("max_streams_per_connection", "max_streams_per_peer"):
+        if getattr(args, flag) < 0:
+            return fail(f"--{flag.replace('_', '-')} must not be negative")
     if args.idle_timeout < 0 or args.drain_grace < 0 or args.batch_wait_ms < 0:
         return fail("--idle-timeout, --drain-grace and --batch-wait-ms must not be negative")
     if args.threads is not None and args.threads < 1:
@@ -96,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     opts = ServerOptions(
         model_dir=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, token=token, drain_grace_seconds=args.drain_grace,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token, drain_grace_seconds=args.drain_grace,
         threads=args.threads, spin=args.spin, reuse_port=args.reuse_port, batch_wait_s=args.batch_wait_ms / 1000.0,
         limits=Limits(max_message_bytes=args.max_message_bytes, max_streams=args.max_streams,
-                      max_stream_seconds=args.max_stream_seconds, idle_timeout_seconds=args.idle_timeout))
+                      max_stream_seconds=args.max_stream_seconds, idle_timeout_seconds=args.idle_timeout,
+                      max_streams_per_connection=args.max_streams_per_connection,
+                      max_streams_per_peer=args.max_streams_per_peer, max_metadata_bytes=args.max_metadata_bytes))
     try:
         server = Server(opts)
     except ManifestError as exc:
@@ -107,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def ready(s: Server) -> None:
         m = s.model
-        scheme = "TLS" if opts.tls_cert else "plaintext"
+        scheme = ("mutual TLS" if opts.tls_client_ca else "TLS") if opts.tls_cert else "plaintext"
         print(announce.listening(opts.host, s.port, f"{scheme}{', token' if token else ''}; model {m.dir.name}, "
                                  f"method {m.manifest['method']}, levels {' '.join(m.levels)}"), flush=True)
         if s.metrics_port is not None:

@@ -34,6 +34,7 @@ class ServerOptions:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     drain_grace_seconds: float = 30.0
@@ -75,6 +76,9 @@ class Server:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", max(limit, 64 << 20)),
             ("grpc.so_reuseport", 1 if opts.reuse_port else 0),
+            # both grpc limits: above the soft one calls are refused at random, above the absolute one always
+            ("grpc.max_metadata_size", int(opts.limits.max_metadata_bytes)),
+            ("grpc.absolute_max_metadata_size", int(opts.limits.max_metadata_bytes)),
         ])
         add_servicer(self.servicer, self._server)
         self.health = health_aio.HealthServicer()
@@ -85,8 +89,11 @@ class Server:
         address = f"{_bracket(opts.host)}:{opts.port}"
         try:
             if opts.tls_cert or opts.tls_key:
+                client_ca = Path(opts.tls_client_ca).read_bytes() if opts.tls_client_ca else None
                 creds = grpc.ssl_server_credentials([(Path(opts.tls_key).read_bytes(),
-                                                      Path(opts.tls_cert).read_bytes())])
+                                                      Path(opts.tls_cert).read_bytes())],
+                                                    root_certificates=client_ca,
+                                                    require_client_auth=client_ca is not None)
                 self.port = self._server.add_secure_port(address, creds)
             else:
                 self.port = self._server.add_insecure_port(address)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import grpc
@@ -32,6 +33,20 @@ class Limits:
     max_stream_seconds: float = 3600.0
     idle_timeout_seconds: float = 10.0
     max_backlog_seconds: float = 10.0  # audio received but not yet processed before reads pause
+    max_streams_per_connection: int = 0  # 0: only max_streams
+    max_streams_per_peer: int = 0  # streams from one client address, all its connections together; 0: no limit
+    max_metadata_bytes: int = 8192  # request metadata (headers) per call
+
+
+def peer_host(peer: str) -> str:
+    """The client address of a gRPC peer string ("ipv4:10.0.0.7:51234" -> "10.0.0.7",
+    "ipv6:[::1]:51234" -> "::1"); other kinds (unix sockets) as they are."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
 
 
 def package_version() -> str:
@@ -77,13 +92,19 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         self.draining = False
         self.active = 0
         self._sessions: set[StreamSession] = set()
+        self._per_connection: Counter[str] = Counter()  # open streams by context.peer() ("ipv4:HOST:PORT")
+        self._per_peer: Counter[str] = Counter()  # by client address (HOST)
 
     # --- StreamEncode ------------------------------------------------------------------------
     async def StreamEncode(self, request_iterator, context):
         code: grpc.StatusCode | None = None
         session: StreamSession | None = None
         reader: asyncio.Task | None = None
+        connection = context.peer() or "unknown"
+        peer = peer_host(connection)
         self.active += 1
+        self._per_connection[connection] += 1
+        self._per_peer[peer] += 1
         self.metrics.active_streams.inc()
         try:
             if self.draining:
@@ -92,6 +113,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             if self.active > self.limits.max_streams:
                 raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"too many streams: this server serves at most {self.limits.max_streams} at once")
+            self._check_client_limits(connection, peer)
             ait = request_iterator.__aiter__()
             first = await self._next(ait, "config")
             if first is None:
@@ -140,8 +162,21 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                 self.batcher.remove(session)
                 self._sessions.discard(session)
             self.active -= 1
+            for counts, key in ((self._per_connection, connection), (self._per_peer, peer)):
+                counts[key] -= 1
+                if counts[key] <= 0:
+                    del counts[key]
             self.metrics.active_streams.dec()
             self.metrics.streams.labels(outcome_label(code) if code is not None else "internal").inc()
+
+    def _check_client_limits(self, connection: str, peer: str) -> None:
+        lim = self.limits
+        if lim.max_streams_per_connection and self._per_connection[connection] > lim.max_streams_per_connection:
+            raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"too many streams on this connection: at most {lim.max_streams_per_connection} at once")
+        if lim.max_streams_per_peer and self._per_peer[peer] > lim.max_streams_per_peer:
+            raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"too many streams from {peer}: at most {lim.max_streams_per_peer} at once")
 
     async def _next(self, ait, expecting: str):
         """The next request, None at half-close; OUT_OF_RANGE when the client stays silent too long."""
