@@ -12,6 +12,17 @@ positions of the window with negatives_from="window"), 10 per context position, 
 K predictions. Cross-entropy with the
 positive as class 0, averaged over valid positions, then over k. Everything is batched
 tensor algebra: no Python loop over batch items, positions or negatives.
+
+Two ways to compute the same scores from the same random draws (scoring=):
+- "lean" (the default): negatives read with index_select (its backward is an index_add, not the
+  sort-based accumulate of advanced indexing) and scored with one batched matmul of the K
+  predictions against the N negatives of each position; positives as a dot product over a
+  strided view of the targets. No candidate tensor (positive + negatives) is built.
+- "reference": the straightforward form it replaced (advanced indexing and einsum), kept to
+  check the lean form against and to measure it (bench/train_throughput.py --compare).
+A full score matrix of every prediction against every pool position (one big matmul, then
+positives and negatives read from it) was measured too and rejected: its cost grows with the
+pool (B * L positions), ~40x slower than "lean" on a CPU at batch 8 (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -26,6 +37,31 @@ NEGATIVES = 10
 WINDOW = 128  # frames; a random window of this length when the sequence is longer
 
 
+def reference_scores(pred: torch.Tensor, future: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive (B, W, K) and negative (B, W, K, N) scores the straightforward way: the negatives'
+    vectors gathered by advanced indexing, both scored with einsum. pred (B, W, K, D), future
+    (B, W, D, K) the true z_{t+k}, pool (P, D) the negatives' pool, idx (B, W, N) into it."""
+    pos = torch.einsum("bwkd,bwdk->bwk", pred, future)
+    return pos, torch.einsum("bwkd,bwnd->bwkn", pred, pool[idx])
+
+
+def lean_scores(pred: torch.Tensor, future: torch.Tensor, pool: torch.Tensor, idx: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same scores as reference_scores from the same arguments, with cheaper kernels: index_select
+    (backward: index_add) and one batched matmul (K predictions x N negatives per position)."""
+    B, W, K, D = pred.shape
+    N = idx.shape[-1]
+    pos = torch.linalg.vecdot(pred, future.transpose(2, 3))
+    negs = torch.index_select(pool, 0, idx.reshape(-1)).view(B * W, N, D)
+    neg = torch.bmm(pred.reshape(B * W, K, D), negs.transpose(1, 2)).view(B, W, K, N)
+    return pos, neg
+
+
+SCORES = {"lean": lean_scores, "reference": reference_scores}
+SCORINGS = tuple(SCORES)
+
+
 class InfoNCE(nn.Module):
     """InfoNCE for one module. Negatives come from the whole sequence (all B*L positions of the
     batch, as the authors' code draws them) or only from the B*W positions of the window."""
@@ -33,12 +69,15 @@ class InfoNCE(nn.Module):
     NEGATIVE_POOLS = ("sequence", "window")
 
     def __init__(self, d_context: int, d_target: int, steps: int = PREDICTION_STEPS,
-                 negatives: int = NEGATIVES, window: int = WINDOW, negatives_from: str = "sequence"):
+                 negatives: int = NEGATIVES, window: int = WINDOW, negatives_from: str = "sequence",
+                 scoring: str = "lean"):
         super().__init__()
         if negatives_from not in self.NEGATIVE_POOLS:
             raise ValueError(f"negatives_from must be one of {self.NEGATIVE_POOLS}, got {negatives_from!r}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         self.steps, self.negatives, self.window, self.d_target = steps, negatives, window, d_target
-        self.negatives_from = negatives_from
+        self.negatives_from, self.scoring = negatives_from, scoring
         self.predictor = nn.Linear(d_context, d_target * steps, bias=False)
 
     def forward(self, context: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None
@@ -61,13 +100,10 @@ class InfoNCE(nn.Module):
         # Future targets z_{t+k}, k = 1..K, as a strided view over the end-padded sequence.
         padded = F.pad(window_tgt, (0, 0, 0, K))  # (B, W + K, D)
         future = padded.unfold(1, K + 1, 1)[:, :W, :, 1:]  # (B, W, D, K)
-        pos = torch.einsum("bwkd,bwdk->bwk", pred, future)  # (B, W, K)
-
         pool = targets if self.negatives_from == "sequence" else window_tgt
         n_pool = B * pool.shape[1]
         idx = torch.randint(0, n_pool, (B, W, self.negatives), device=targets.device, generator=generator)
-        negs = pool.reshape(n_pool, D)[idx]  # (B, W, N, D)
-        neg = torch.einsum("bwkd,bwnd->bwkn", pred, negs)  # (B, W, K, N)
+        pos, neg = SCORES[self.scoring](pred, future, pool.reshape(n_pool, D), idx)
 
         logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)
         nll = torch.logsumexp(logits, dim=-1) - pos  # (B, W, K): CE with the positive as class 0
@@ -90,14 +126,15 @@ def kl_term(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 class SimLoss(nn.Module):
     """One InfoNCE (+ KL) per trained module. For CPC a single loss on the GRU output."""
 
-    def __init__(self, dims: ModelSpec, beta: float = 0.0033, negatives_from: str = "sequence"):
+    def __init__(self, dims: ModelSpec, beta: float = 0.0033, negatives_from: str = "sequence",
+                 scoring: str = "lean"):
         super().__init__()
         self.dims, self.beta = dims, beta  # beta may be changed between steps (KL warm-up)
         heads = {}
         if dims.greedy:
             for name, _ in dims.modules:
-                heads[name] = InfoNCE(dims.channels, dims.channels, negatives_from=negatives_from)
-        heads["ar"] = InfoNCE(dims.hidden, dims.channels, negatives_from=negatives_from)
+                heads[name] = InfoNCE(dims.channels, dims.channels, negatives_from=negatives_from, scoring=scoring)
+        heads["ar"] = InfoNCE(dims.hidden, dims.channels, negatives_from=negatives_from, scoring=scoring)
         self.nce = nn.ModuleDict(heads)
 
     def module_losses(self, out: dict[str, LevelOutput], generator: torch.Generator | None = None
