@@ -43,6 +43,9 @@ class TrainConfig:
     resume: bool = False
     threads: int | None = None  # CPU threads for torch (None: torch's choice)
     workers: int = 0  # data-loader worker processes
+    # the step (train/step.py): how it runs, not what it trains
+    autocast: str = "off"  # "off" or "bf16"
+    compile: bool = False  # torch.compile the forward pass and loss
 
     @property
     def run_dir(self) -> Path:

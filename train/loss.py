@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.distributed import Shard, gather_rows
 from train.model import LevelOutput, ModelSpec, kl_to_standard_normal
 
 PREDICTION_STEPS = 10
@@ -80,12 +81,14 @@ class InfoNCE(nn.Module):
         self.negatives_from, self.scoring = negatives_from, scoring
         self.predictor = nn.Linear(d_context, d_target * steps, bias=False)
 
-    def forward(self, context: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, context: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None,
+                shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """context (B, L, Dc), targets (B, L, D), channels last.
 
         Returns the scalar loss and, detached, how often the positive scored above all its
-        negatives (chance: 1 / (negatives + 1))."""
+        negatives (chance: 1 / (negatives + 1)). With a shard (a torchrun job), the batch is this
+        rank's rows of a global batch: negatives come from the global batch's targets, drawn as one
+        process would draw them."""
         B, L, D = targets.shape
         W = min(L, self.window)
         window_ctx, window_tgt = context, targets
@@ -101,8 +104,12 @@ class InfoNCE(nn.Module):
         padded = F.pad(window_tgt, (0, 0, 0, K))  # (B, W + K, D)
         future = padded.unfold(1, K + 1, 1)[:, :W, :, 1:]  # (B, W, D, K)
         pool = targets if self.negatives_from == "sequence" else window_tgt
-        n_pool = B * pool.shape[1]
-        idx = torch.randint(0, n_pool, (B, W, self.negatives), device=targets.device, generator=generator)
+        if shard is not None:
+            pool = gather_rows(pool, shard)
+        n_pool = pool.shape[0] * pool.shape[1]
+        idx = torch.randint(0, n_pool, (pool.shape[0], W, self.negatives), device=targets.device, generator=generator)
+        if shard is not None:
+            idx = idx[shard.start:shard.stop]
         pos, neg = SCORES[self.scoring](pred, future, pool.reshape(n_pool, D), idx)
 
         logits = torch.cat([pos.unsqueeze(-1), neg], dim=-1)
@@ -137,8 +144,8 @@ class SimLoss(nn.Module):
         heads["ar"] = InfoNCE(dims.hidden, dims.channels, negatives_from=negatives_from, scoring=scoring)
         self.nce = nn.ModuleDict(heads)
 
-    def module_losses(self, out: dict[str, LevelOutput], generator: torch.Generator | None = None
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def module_losses(self, out: dict[str, LevelOutput], generator: torch.Generator | None = None,
+                      shard: Shard | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Per trained module: (InfoNCE, its accuracy, KL term or None), scalar tensors; the
         losses carry gradients."""
         last_conv = [name for name, _ in self.dims.modules][-1]
@@ -146,23 +153,25 @@ class SimLoss(nn.Module):
         for name, nce in self.nce.items():
             if name == "ar":  # context: the GRU output; targets: its input (cut from m3 when greedy)
                 targets = out[last_conv].z
-                loss, acc = nce(out["ar"].mu, targets.detach() if self.dims.greedy else targets, generator)
+                loss, acc = nce(out["ar"].mu, targets.detach() if self.dims.greedy else targets, generator, shard)
                 losses[name] = (loss, acc, None)
             else:
                 o = out[name]
                 kl = kl_term(o.mu, o.logvar) if o.logvar is not None else None
-                losses[name] = (*nce(o.context, o.z, generator), kl)
+                losses[name] = (*nce(o.context, o.z, generator, shard), kl)
         return losses
 
-    def forward(self, out: dict[str, LevelOutput], generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, out: dict[str, LevelOutput], generator: torch.Generator | None = None,
+                shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the total (sum over modules; gradients are cut between greedy modules, so
         each module still sees only its own loss) and a dict of detached per-module numbers:
         nce_<m> (InfoNCE), acc_<m> (how often the positive ranks first), kl_<m> (the KL term in
-        the loss's normalisation) and klf_<m> (KL per channel per frame, comparable across crops)."""
+        the loss's normalisation) and klf_<m> (KL per channel per frame, comparable across crops).
+        With a shard the numbers are this rank's; the total is weighted by the rank's share
+        (train.distributed.Shard.weight) so that DDP's average is the global batch's gradient."""
         total = torch.zeros((), device=out["ar"].mu.device)
         stats: dict[str, torch.Tensor] = {}
-        for name, (nce, acc, kl) in self.module_losses(out, generator).items():
+        for name, (nce, acc, kl) in self.module_losses(out, generator, shard).items():
             stats[f"nce_{name}"] = nce.detach()
             stats[f"acc_{name}"] = acc
             total = total + nce
@@ -171,4 +180,6 @@ class SimLoss(nn.Module):
                 stats[f"klf_{name}"] = kl.detach() / out[name].mu.shape[1]
                 total = total + self.beta * kl
         stats["loss"] = total.detach()
+        if shard is not None and shard.weight != 1.0:
+            total = total * shard.weight
         return total, stats
