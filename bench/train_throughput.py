@@ -10,7 +10,9 @@ module, backward, Adam) on random clips, after warm-up steps.
 - --compare: the step before the lean InfoNCE (scoring "reference", no step options) and the new one
   (lean scoring and the options given), built from the same seed, timed in turns in the same process
   for --rounds rounds (the order swaps every round), so that load from other work on the machine hits
-  both alike; prints each round and the ratio's median, min and max.
+  both alike; prints each round and the ratio's median, min and max, of wall-clock clips/s and of the
+  process's CPU seconds per clip (the steadier of the two on a shared machine: other work slows the
+  wall clock, much less the CPU time this process needs; with --threads 1 it counts no idle spinning).
 - --profile: one profiled run of each step, then the operators that take the most time.
 """
 from __future__ import annotations
@@ -43,13 +45,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def clips_per_s(step: Step, clips: torch.Tensor, steps: int) -> float:
+def timed(step: Step, clips: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(clips per wall-clock second, process CPU seconds per clip) over `steps` steps."""
     sync(clips.device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step(clips)
     sync(clips.device)
-    return len(clips) * steps / (time.perf_counter() - t0)
+    n = len(clips) * steps
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
 
 
 def steps_to_run(a, device: torch.device) -> dict[str, Step]:
@@ -62,15 +66,19 @@ def steps_to_run(a, device: torch.device) -> dict[str, Step]:
 
 
 def compare(steps: dict[str, Step], clips: torch.Tensor, a) -> None:
-    print("| round | old clips/s | new clips/s | new / old |\n|---|---|---|---|")
-    ratios = []
+    print("| round | old clips/s | new clips/s | speed-up (wall) | old CPU s/clip | new CPU s/clip | speed-up (CPU) |\n"
+          "|---|---|---|---|---|---|---|")
+    wall, cpu = [], []
     for r in range(a.rounds):
         order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
-        rate = {name: clips_per_s(steps[name], clips, a.steps) for name in order}
-        ratios.append(rate["new"] / rate["old"])
-        print(f"| {r + 1} | {rate['old']:.2f} | {rate['new']:.2f} | {ratios[-1]:.3f} |", flush=True)
-    print(f"\nnew / old over {a.rounds} rounds: median {statistics.median(ratios):.3f}, "
-          f"min {min(ratios):.3f}, max {max(ratios):.3f}")
+        m = {name: timed(steps[name], clips, a.steps) for name in order}
+        wall.append(m["new"][0] / m["old"][0])
+        cpu.append(m["old"][1] / m["new"][1])
+        print(f"| {r + 1} | {m['old'][0]:.2f} | {m['new'][0]:.2f} | {wall[-1]:.3f} | {m['old'][1]:.3f} | "
+              f"{m['new'][1]:.3f} | {cpu[-1]:.3f} |", flush=True)
+    for what, ratios in (("wall clock", wall), ("CPU time", cpu)):
+        print(f"new / old speed ({what}) over {a.rounds} rounds: median {statistics.median(ratios):.3f}, "
+              f"min {min(ratios):.3f}, max {max(ratios):.3f}")
 
 
 def profile(steps: dict[str, Step], clips: torch.Tensor, a) -> None:
@@ -128,7 +136,7 @@ def main() -> None:
         if a.profile:
             profile(steps, clips, a)
         if not (a.compare or a.profile):
-            print(f"| {b} | {clips_per_s(steps['new'], clips, a.steps):.1f} |", flush=True)
+            print(f"| {b} | {timed(steps['new'], clips, a.steps)[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def test_two_processes_train_what_one_trains_and_resume_at_any_world_size(small_
 
     # 2 ranks x 4 clips against 1 process x 8 clips, after the epoch's 2 steps
     ddp = tmp_path / "ddp"
-    done = run_job(torchrun("--standalone", "--nproc-per-node", "2") + [*EXACT, *data, "--out", str(ddp), "--epochs", "1"])
+    two = torchrun("--standalone", "--nproc-per-node", "2")
+    done = run_job([*two, *EXACT, *data, "--out", str(ddp), "--epochs", "1"])
     assert "x 2 processes" in done.stdout and done.stdout.count("done:") == 1  # rank 0 alone reports
     assert load(ddp / "checkpoint.pt")["step"] == 2
     assert_same_weights(ddp / "checkpoint.pt", one, moved_from=start)

@@ -332,7 +332,8 @@ def build_run(cfg: TrainConfig, device: torch.device, resumed: dict | None, rank
     dims = ModelSpec(cfg.method, cfg.channels, cfg.hidden, cfg.batch_norm)
     encoder = Encoder(dims).to(device)
     criterion = SimLoss(dims, beta=cfg.beta, negatives_from=cfg.negatives).to(device)
-    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(criterion.parameters()), lr=cfg.lr)
+    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(criterion.parameters()), lr=cfg.lr,
+                                 fused=True if device.type == "cuda" else None)  # one kernel per step on a GPU
     model = Objective(encoder, criterion)
     if world > 1:
         if device.type == "cuda":
