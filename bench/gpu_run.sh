@@ -133,19 +133,22 @@ for method in sim gim cpc; do
   limit_var="SIM_GPU_${method^^}_S"
   step "train $method" "${!limit_var}" "$PY" -m train.sim --method "$method" --preset paper --device "$device" \
     --corpus-dir "$corpus" --out "$out/runs/$method" "${model[@]}" "${fast[@]}"
-  if [ -f "$out/runs/$method/checkpoint.pt" ]; then
-    trained+=(--run "$method=$out/runs/$method")
-    "$PY" - "$out/runs/$method/checkpoint.pt" >> "$summary" <<'EOF'
-import sys, torch
-c = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
-cfg = c["config"]
-print(f"|   {cfg['method']}: {c['step']} steps of batch {cfg['batch_size']} = {c['step'] * cfg['batch_size']:,} clips "
-      f"(the schedule: {cfg['clips_seen']:,}), epoch {c['epoch']}, batch {c.get('batch', 0)} | | |")
-EOF
-  fi
+  [ -f "$out/runs/$method/checkpoint.pt" ] && trained+=(--run "$method=$out/runs/$method")
 done
+# how far each run got (a run stopped at its time box has trained part of the paper's schedule)
+"$PY" - "$out"/runs/*/checkpoint.pt >> "$summary" 2>> "$log" <<'EOF'
+import sys, torch
+print("\n| run | steps | clips seen | of the schedule | epoch, batch |\n|---|---|---|---|---|")
+for path in sys.argv[1:]:
+    c = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = c["config"]
+    seen = c["step"] * cfg["batch_size"]
+    print(f"| {cfg['method']} | {c['step']} of batch {cfg['batch_size']} | {seen:,} | {cfg['clips_seen']:,} | "
+          f"{c['epoch']}, {c.get('batch', 0)} |")
+EOF
 
 if [ ${#trained[@]} -gt 0 ]; then
+  printf '\n| step | status | seconds |\n|---|---|---|\n' >> "$summary"
   step "report" "$SIM_GPU_REPORT_S" "$PY" -m train.report "${trained[@]}" --out "$out/report" --corpus "$corpus" \
     --device "$device" "${report[@]}"
 fi

@@ -134,3 +134,27 @@ def test_a_killed_process_ends_the_job_with_a_clear_error(small_corpus, tmp_path
     text = Path(log.name).read_text()
     assert rc != 0
     assert "SIGKILL" in text and "train.sim FAILED" in text, text[-3000:]
+
+
+def test_sigterm_stops_every_rank_after_the_same_batch_and_rank_0_saves(small_corpus, tmp_path):
+    out = tmp_path / "stopped"
+    log = (tmp_path / "job.log").open("w+")
+    cmd = torchrun("--standalone", "--nproc-per-node", "2") + [
+        *EXACT, "--corpus-dir", str(small_corpus), "--out", str(out), "--epochs", "500"]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (out / "checkpoint.pt").exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.1)  # an epoch is done: both ranks are in the training loop
+        assert job.poll() is None, Path(log.name).read_text()[-3000:]
+        job.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait(timeout=30)
+    text = Path(log.name).read_text()
+    assert text.count("interrupted: saved") == 2, text[-3000:]  # both ranks stopped cleanly, not killed
+    saved = load(out / "checkpoint.pt")
+    assert 1 <= saved["epoch"] < 500
+    assert f"batch {saved['batch']}/2" in text or saved["batch"] == 0

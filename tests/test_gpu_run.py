@@ -28,7 +28,7 @@ def test_dry_run_writes_the_table_three_runs_and_the_report(small_corpus, tmp_pa
     for method in ("sim", "gim", "cpc"):
         ckpt = torch.load(out / "runs" / method / "checkpoint.pt", weights_only=True)
         assert ckpt["config"]["preset"] == "paper" and ckpt["config"]["method"] == method and ckpt["epoch"] == 1
-        assert f"{method}: {ckpt['step']} steps of batch 8" in summary
+        assert f"| {method} | {ckpt['step']} of batch 8 |" in summary
     assert "sim" in (out / "report" / "index.md").read_text() and (out / "report" / "results.json").is_file()
     assert "python" in (out / "env.txt").read_text()
 
