@@ -46,6 +46,7 @@ class TrainConfig:
     # the step (train/step.py): how it runs, not what it trains
     autocast: str = "off"  # "off" or "bf16"
     compile: bool = False  # torch.compile the forward pass and loss
+    module_parallel: bool = False  # one torchrun process per greedy module, trained as a pipeline (train/pipeline.py)
 
     @property
     def run_dir(self) -> Path:

@@ -111,6 +111,10 @@ def build_parser(defaults: TrainConfig = CPU) -> argparse.ArgumentParser:
                         "where it is faster)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
                    help="torch.compile the forward pass and loss (the first steps pay for the compilation)")
+    p.add_argument("--module-parallel", action="store_true", default=d.module_parallel,
+                   help="SIM/GIM under torchrun --nproc-per-node 4: each module (m1 m2 m3 ar) in its own process "
+                        "(its own GPU when there are GPUs), trained at once as a pipeline (train/pipeline.py); "
+                        "such a run cannot be resumed")
     return p
 
 
@@ -433,6 +437,9 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     device = select_device(cfg.device)
     if not distributed.launched():
+        if cfg.module_parallel:
+            raise UsageError("--module-parallel runs one process per module: start it with "
+                             "torchrun --standalone --nproc-per-node 4 -m train.sim --module-parallel ...")
         return train_process(cfg, device)
     rank, world, local_rank = distributed.init(device.type)
     try:
@@ -447,9 +454,40 @@ def train(cfg: TrainConfig) -> Path:
             if rank == 0:
                 ensure_corpus(cfg.corpus_dir, seed=0)
             torch.distributed.barrier()
+        if cfg.module_parallel:
+            return train_module_parallel(cfg, device, rank, world)
         return train_process(cfg, device, rank, world)
     finally:
         distributed.shutdown()
+
+
+def train_module_parallel(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> Path:
+    """train() with --module-parallel: this process trains module `rank` (train/pipeline.py)."""
+    from train import pipeline
+
+    if cfg.resume:
+        raise UsageError("a --module-parallel run cannot be resumed (each rank holds its module's optimiser state)")
+    if cfg.data == "corpus":
+        from train.corpus import ensure_corpus
+
+        cfg = replace(cfg, corpus_dir=str(ensure_corpus(cfg.corpus_dir, seed=0)))
+    cfg = replace(cfg, out=str(cfg.run_dir))
+    torch.manual_seed(cfg.seed)
+    train_ds, _ = build_datasets(cfg)
+    cfg = replace(cfg, epochs=cfg.epochs_for(len(train_ds)))
+    if rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        print(f"training {cfg.method.upper()} module-parallel on {device} x {world} processes: {len(train_ds)} clips "
+              f"x {cfg.epochs} epochs, batch {cfg.batch_size}; run folder {cfg.run_dir}")
+    try:
+        with StopFlag() as stop:
+            path = pipeline.run(cfg, device, rank, world, train_ds, stop)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if stop.requested:
+        raise Interrupted(f"interrupted: rank 0 saved the modules as trained so far in {path}")
+    return path
 
 
 def train_process(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1) -> Path:
