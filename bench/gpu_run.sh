@@ -14,7 +14,7 @@
 #   --wheels DIR   install missing Python packages from this folder, offline; fill it beforehand on a
 #                  machine with network and the same Python version:
 #                  pip download -d DIR numpy soundfile soxr tqdm tensorboard matplotlib espeakng-loader
-#   --dry-run      tiny sizes on the CPU (what CI runs: the same steps, in about a minute)
+#   --dry-run      tiny sizes on the CPU (what CI runs: the same steps, a few minutes on 2 cores)
 #
 # Time boxes (seconds; environment variables override them), about 8 minutes in all on a GPU:
 #   SIM_GPU_THROUGHPUT_S=100 SIM_GPU_SIM_S=120 SIM_GPU_GIM_S=60 SIM_GPU_CPC_S=45 SIM_GPU_REPORT_S=100

@@ -15,7 +15,7 @@ def test_dry_run_writes_the_table_three_runs_and_the_report(small_corpus, tmp_pa
     out = tmp_path / "gpu"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--corpus", str(small_corpus), str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1100)
     log = (out / "gpu_run.log").read_text() if (out / "gpu_run.log").exists() else ""
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + log[-4000:]
     summary = (out / "summary.md").read_text()
