@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
+from support.torchrun import ROOT, TIMEOUT, job_env, torchrun
 from train.checkpoint import load
 from train.distributed import shard_of
 from train.sim import parse_args, train
 
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 240  # seconds for any one job; a hang fails the test instead of blocking CI
 # GIM without BatchNorm: no posterior noise and no per-rank batch statistics, so equal up to float rounding
 EXACT = ["--method", "gim", "--no-batch-norm", "--channels", "32", "--hidden", "16", "--threads", "1",
          "--max-clips", "16", "--batch-size", "8", "--lr", "3e-3"]
@@ -27,14 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def job_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "train.sim"]
 
 
 def run_job(cmd: list[str]) -> subprocess.CompletedProcess:

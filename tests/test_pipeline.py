@@ -1,18 +1,16 @@
 """--module-parallel: four processes (gloo), one per SIM module, make the sequential step's updates once the
 pipeline's delay is accounted for (train/pipeline.py); without torchrun the flag is a clear usage error."""
 import subprocess
-from pathlib import Path
 
 import torch
 
-from tests.test_distributed import TIMEOUT, job_env, torchrun
+from support.torchrun import ROOT, TIMEOUT, job_env, torchrun
 from train.checkpoint import load, load_encoder
 from train.config import TrainConfig
 from train.model import ModelSpec
 from train.pipeline import build_stages, state_dicts, train_sequential
 from train.sim import batches, build_datasets, epoch_order, main, parse_args
 
-ROOT = Path(__file__).resolve().parents[1]
 # SIM with BatchNorm: posterior noise and batch statistics, both reproduced stage by stage
 TINY = ["--method", "sim", "--channels", "16", "--hidden", "8", "--threads", "1", "--max-clips", "12",
         "--batch-size", "4", "--epochs", "2", "--lr", "3e-3"]
