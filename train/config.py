@@ -43,6 +43,10 @@ class TrainConfig:
     resume: bool = False
     threads: int | None = None  # CPU threads for torch (None: torch's choice)
     workers: int = 0  # data-loader worker processes
+    # the step (train/step.py): how it runs, not what it trains
+    autocast: str = "off"  # "off" or "bf16"
+    compile: bool = False  # torch.compile the forward pass and loss
+    module_parallel: bool = False  # one torchrun process per greedy module, trained as a pipeline (train/pipeline.py)
 
     @property
     def run_dir(self) -> Path:

@@ -113,13 +113,15 @@ class Encoder(nn.Module):
         self.convs = nn.ModuleDict(mods)
         self.gru = nn.GRU(dims.channels, dims.hidden, batch_first=True)
 
-    def forward(self, audio: torch.Tensor, sample: bool = False) -> dict[str, LevelOutput]:
+    def forward(self, audio: torch.Tensor, sample: bool = False, shard=None) -> dict[str, LevelOutput]:
         """audio: (B, T) or (B, 1, T) float waveform at 16 kHz.
 
         sample=False: deterministic (posterior means), the inference path.
         sample=True: SIM's training path; each module's output is a reparametrised sample and
         a second independent sample is drawn as InfoNCE context. GIM/CPC ignore it.
         Greedy methods cut gradients between modules.
+        shard (train.distributed.Shard): audio holds rows [start, stop) of a global batch; the
+        posterior noise is drawn for the global batch and these rows kept, as one process would.
         """
         x = audio.unsqueeze(1) if audio.dim() == 2 else audio
         out: dict[str, LevelOutput] = {}
@@ -127,8 +129,8 @@ class Encoder(nn.Module):
             mu, logvar = module(x)
             if sample and logvar is not None:
                 std = torch.exp(0.5 * logvar)
-                z = mu + torch.randn_like(std) * std
-                ctx = mu + torch.randn_like(std) * std
+                z = mu + noise_like(std, shard) * std
+                ctx = mu + noise_like(std, shard) * std
             else:
                 z = ctx = mu
             out[name] = LevelOutput(
@@ -154,6 +156,13 @@ class Encoder(nn.Module):
             if o.logvar is not None:
                 res[f"kl_{name}"] = kl_to_standard_normal(o.mu, o.logvar)
         return res
+
+
+def noise_like(x: torch.Tensor, shard=None) -> torch.Tensor:
+    """Standard normal noise shaped like x; with a shard, this rank's rows of the global batch's noise."""
+    if shard is None:
+        return torch.randn_like(x)
+    return torch.randn((shard.total, *x.shape[1:]), dtype=x.dtype, device=x.device)[shard.start:shard.stop]
 
 
 @torch.no_grad()

@@ -8,6 +8,10 @@ are train.config.TrainConfig's fields.
 Nothing is lost on a crash: a checkpoint is written atomically after every epoch, at the end,
 and on Ctrl-C (mid-epoch, with the position in the epoch); `--resume` continues exactly where
 it stopped (on CPU with a fixed seed the resumed run's weights equal an uninterrupted run's).
+
+Several processes, GPUs or machines: start the same command with torchrun, e.g.
+`torchrun --nproc-per-node 4 -m train.sim --preset paper`; --batch-size stays the global batch
+(train/distributed.py says what is shared and how; README: one GPU, N GPUs, M machines).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from train import distributed
 from train.audio import HOP, AudioError
 from train.checkpoint import FORMAT, CheckpointError, code_version, load, save_atomic
 from train.cli import device_name, fail, non_negative_int, positive_float, positive_int, select_device
@@ -30,6 +35,7 @@ from train.corpus import CorpusError
 from train.data import DataError
 from train.loss import SimLoss
 from train.model import METHODS, Encoder, ModelSpec
+from train.step import AUTOCASTS, Objective, Step, StepOptions
 
 # Config keys that define what a run trains; a resumed run keeps its checkpoint's values for them.
 RUN_DEFINING = ("method", "beta", "seed", "data", "crop", "channels", "hidden", "max_clips", "preset",
@@ -100,6 +106,15 @@ def build_parser(defaults: TrainConfig = CPU) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=d.threads,
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--workers", type=non_negative_int, default=d.workers, help="data-loader worker processes")
+    p.add_argument("--autocast", choices=list(AUTOCASTS), default=d.autocast,
+                   help="run the forward pass and loss under torch.autocast in this dtype (docs/benchmarks.md: "
+                        "where it is faster)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                   help="torch.compile the forward pass and loss (the first steps pay for the compilation)")
+    p.add_argument("--module-parallel", action="store_true", default=d.module_parallel,
+                   help="SIM/GIM under torchrun --nproc-per-node 4: each module (m1 m2 m3 ar) in its own process "
+                        "(its own GPU when there are GPUs), trained at once as a pipeline (train/pipeline.py); "
+                        "such a run cannot be resumed")
     return p
 
 
@@ -201,9 +216,13 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def batches(dataset, order: torch.Tensor, batch_size: int, start: int, workers: int):
-    """Yield (batch_index, clips) from batch `start` on; the last partial batch is kept."""
-    idx_batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+def batches(dataset, order: torch.Tensor, batch_size: int, start: int, workers: int, rank: int = 0, world: int = 1):
+    """Yield (batch_index, clips) from batch `start` on; the last partial batch is kept. With world > 1,
+    this rank's share of each batch (train.distributed.shard_of), and a last batch smaller than the
+    world is skipped (some rank would have no clip)."""
+    idx_batches = [order[i:i + batch_size].tensor_split(world)[rank].tolist() for i in range(0, len(order), batch_size)]
+    if world > 1 and len(order) % batch_size and len(order) % batch_size < world:
+        idx_batches = idx_batches[:-1]
     if workers:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=idx_batches[start:], num_workers=workers)
         yield from enumerate(loader, start)
@@ -247,16 +266,6 @@ def beta_at(step: int, beta: float, warmup: int) -> float:
     return beta if warmup <= 0 else beta * min(1.0, step / warmup)
 
 
-def train_step(encoder: Encoder, criterion: SimLoss, optimizer: torch.optim.Optimizer, clips: torch.Tensor
-               ) -> dict[str, torch.Tensor]:
-    """One optimiser step on a batch of clips (B, samples); returns the detached loss statistics."""
-    loss, stats = criterion(encoder(clips, sample=True))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return stats
-
-
 @dataclass
 class Run:
     """A training run in progress: its configuration, model, optimiser, data, and position (the next
@@ -269,9 +278,17 @@ class Run:
     optimizer: torch.optim.Optimizer
     train_ds: torch.utils.data.Dataset
     val_ds: torch.utils.data.Dataset | None
+    train_step: Step
+    rank: int = 0  # this process's rank in a torchrun job, and the job's size (1: no torchrun)
+    world: int = 1
     epoch: int = 0
     batch: int = 0
     step: int = 0
+
+    @property
+    def lead(self) -> bool:
+        """Whether this process logs, validates and saves (rank 0)."""
+        return self.rank == 0
 
     @property
     def checkpoint_path(self) -> Path:
@@ -284,7 +301,7 @@ class Run:
 
 def resume_config(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict | None]:
     """With --resume: the checkpoint's configuration, with what a resumed run may change taken from `cfg`
-    (device, threads, workers and a longer --epochs), and the checkpoint itself. Without --resume: cfg
+    (device, threads, workers, the step options and a longer --epochs), and the checkpoint itself. Without --resume: cfg
     with its run folder filled in, and None."""
     out = cfg.run_dir
     if not cfg.resume:
@@ -300,13 +317,15 @@ def resume_config(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, 
             print(f"warning: --{key.replace('_', '-')} {asked} differs from the checkpoint's "
                   f"{getattr(saved, key)}; using the checkpoint's", file=sys.stderr)
     merged = replace(saved, resume=True, device=cfg.device, out=str(out), workers=cfg.workers, threads=cfg.threads,
+                     autocast=cfg.autocast, compile=cfg.compile,
                      epochs=cfg.epochs or saved.epochs)  # the one thing a resume may change: train for longer
     return merged, ckpt
 
 
-def build_run(cfg: TrainConfig, device: torch.device, resumed: dict | None) -> Run:
+def build_run(cfg: TrainConfig, device: torch.device, resumed: dict | None, rank: int = 0, world: int = 1) -> Run:
     """Data, model, loss and optimiser as configured, restored to the checkpoint's state when resuming.
-    The returned run's config names the corpus it trains on and its number of epochs."""
+    The returned run's config names the corpus it trains on and its number of epochs. With world > 1
+    (a torchrun job, process group joined) the model is wrapped in DistributedDataParallel."""
     torch.manual_seed(cfg.seed)
     if cfg.data == "corpus":
         from train.corpus import ensure_corpus
@@ -317,8 +336,15 @@ def build_run(cfg: TrainConfig, device: torch.device, resumed: dict | None) -> R
     dims = ModelSpec(cfg.method, cfg.channels, cfg.hidden, cfg.batch_norm)
     encoder = Encoder(dims).to(device)
     criterion = SimLoss(dims, beta=cfg.beta, negatives_from=cfg.negatives).to(device)
-    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(criterion.parameters()), lr=cfg.lr)
-    run = Run(cfg, device, encoder, criterion, optimizer, train_ds, val_ds)
+    optimizer = torch.optim.Adam(list(encoder.parameters()) + list(criterion.parameters()), lr=cfg.lr,
+                                 fused=True if device.type == "cuda" else None)  # one kernel per step on a GPU
+    model = Objective(encoder, criterion)
+    if world > 1:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    step = Step(model, optimizer, StepOptions(cfg.autocast, cfg.compile))
+    run = Run(cfg, device, encoder, criterion, optimizer, train_ds, val_ds, step, rank, world)
     if resumed:
         encoder.load_state_dict(resumed["model"])
         criterion.load_state_dict(resumed["loss"])
@@ -335,16 +361,19 @@ def run_epoch(run: Run, writer, stop: StopFlag) -> bool:
 
     cfg = run.cfg
     run.train_ds.set_epoch(run.epoch)
-    order = epoch_order(cfg.seed, run.epoch, len(run.train_ds))
+    n = len(run.train_ds)
+    order = epoch_order(cfg.seed, run.epoch, n)
     t0, seen = time.perf_counter(), 0
     with tqdm(total=run.n_batches, initial=run.batch, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="batch",
-              dynamic_ncols=True, mininterval=progress_interval()) as bar:
-        for b, clips in batches(run.train_ds, order, cfg.batch_size, run.batch, cfg.workers):
+              dynamic_ncols=True, mininterval=progress_interval(), disable=not run.lead) as bar:
+        for b, clips in batches(run.train_ds, order, cfg.batch_size, run.batch, cfg.workers, run.rank, run.world):
             clips = clips.to(run.device, non_blocking=True)
             run.criterion.beta = beta_at(run.step, cfg.beta, cfg.beta_warmup)
-            stats = train_step(run.encoder, run.criterion, run.optimizer, clips)
+            global_batch = min(cfg.batch_size, n - b * cfg.batch_size)
+            shard = distributed.shard_of(global_batch, run.rank, run.world) if run.world > 1 else None
+            stats = run.train_step(clips, shard)
             run.batch, run.step = b + 1, run.step + 1
-            seen += len(clips)
+            seen += global_batch
             rate = seen / (time.perf_counter() - t0)
             stats = {k: float(v) for k, v in stats.items()}
             for k, v in stats.items():
@@ -355,14 +384,22 @@ def run_epoch(run: Run, writer, stop: StopFlag) -> bool:
             bar.set_postfix({**{k: f"{v:.3g}" for k, v in stats.items() if k.startswith(("nce", "acc"))},
                              "clips/s": f"{rate:.1f}"}, refresh=False)
             bar.update(1)
-            if stop.requested and run.batch < run.n_batches:
+            if stopping(run, stop) and run.batch < run.n_batches:
                 return False
     return True
 
 
+def stopping(run: Run, stop: StopFlag) -> bool:
+    """Whether to stop: asked for in this process, or (in a torchrun job) in any; every rank calls this
+    after the same batch, so all of them stop together."""
+    if run.world > 1:
+        stop.requested = distributed.any_rank(stop.requested, run.device)
+    return stop.requested
+
+
 def end_epoch(run: Run, writer) -> None:
-    """Validate the epoch just trained (when there is validation data) and move to the next epoch."""
-    if run.val_ds is not None:
+    """Validate the epoch just trained (when there is validation data; rank 0) and move to the next epoch."""
+    if run.val_ds is not None and run.lead:
         val = validate(run.encoder, run.criterion, run.val_ds, run.cfg, run.device)
         for k, v in val.items():
             writer.add_scalar(f"val/{k}", v, run.step)
@@ -371,7 +408,9 @@ def end_epoch(run: Run, writer) -> None:
 
 
 def save(run: Run) -> Path:
-    """Write the run's checkpoint (atomically) at its current position."""
+    """Write the run's checkpoint (atomically) at its current position (rank 0 alone in a torchrun job)."""
+    if not run.lead:
+        return run.checkpoint_path
     ckpt = {"format": FORMAT, "dims": run.encoder.dims.to_dict(), "model": run.encoder.state_dict(),
             "loss": run.criterion.state_dict(), "optimizer": run.optimizer.state_dict(),
             "rng": rng_state(run.device), "epoch": run.epoch, "batch": run.batch, "step": run.step,
@@ -380,30 +419,102 @@ def save(run: Run) -> Path:
     return run.checkpoint_path
 
 
+class NoWriter:
+    """What ranks other than 0 log to: nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training as configured; returns the checkpoint path. On Ctrl-C or SIGTERM it
-    saves the checkpoint at the batch reached and raises Interrupted."""
+    saves the checkpoint at the batch reached and raises Interrupted. Started by torchrun with more
+    than one process, it joins the job first (train/distributed.py) and leaves it at the end."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = select_device(cfg.device)
+    if not distributed.launched():
+        if cfg.module_parallel:
+            raise UsageError("--module-parallel runs one process per module: start it with "
+                             "torchrun --standalone --nproc-per-node 4 -m train.sim --module-parallel ...")
+        return train_process(cfg, device)
+    rank, world, local_rank = distributed.init(device.type)
+    try:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+        if cfg.batch_size < world:
+            raise UsageError(f"--batch-size {cfg.batch_size} is the global batch; it must be at least the "
+                             f"number of processes ({world})")
+        if cfg.data == "corpus":  # rank 0 synthesises a missing corpus, the others wait for it
+            from train.corpus import ensure_corpus
+
+            if rank == 0:
+                ensure_corpus(cfg.corpus_dir, seed=0)
+            torch.distributed.barrier()
+        if cfg.module_parallel:
+            return train_module_parallel(cfg, device, rank, world)
+        return train_process(cfg, device, rank, world)
+    finally:
+        distributed.shutdown()
+
+
+def train_module_parallel(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> Path:
+    """train() with --module-parallel: this process trains module `rank` (train/pipeline.py)."""
+    from train import pipeline
+
+    if cfg.resume:
+        raise UsageError("a --module-parallel run cannot be resumed (each rank holds its module's optimiser state)")
+    if cfg.data == "corpus":
+        from train.corpus import ensure_corpus
+
+        cfg = replace(cfg, corpus_dir=str(ensure_corpus(cfg.corpus_dir, seed=0)))
+    cfg = replace(cfg, out=str(cfg.run_dir))
+    torch.manual_seed(cfg.seed)
+    train_ds, _ = build_datasets(cfg)
+    cfg = replace(cfg, epochs=cfg.epochs_for(len(train_ds)))
+    if rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        print(f"training {cfg.method.upper()} module-parallel on {device} x {world} processes: {len(train_ds)} clips "
+              f"x {cfg.epochs} epochs, batch {cfg.batch_size}; run folder {cfg.run_dir}")
+    try:
+        with StopFlag() as stop:
+            path = pipeline.run(cfg, device, rank, world, train_ds, stop)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if stop.requested:
+        raise Interrupted(f"interrupted: rank 0 saved the modules as trained so far in {path}")
+    return path
+
+
+def train_process(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1) -> Path:
+    """train() in this process: the whole run, or rank `rank` of a torchrun job of `world` processes."""
     cfg, resumed = resume_config(cfg, device)
-    run = build_run(cfg, device, resumed)
+    run = build_run(cfg, device, resumed, rank, world)
     cfg, out = run.cfg, run.cfg.run_dir
     if run.epoch >= cfg.epochs:
-        print(f"{run.checkpoint_path}: already trained for {run.epoch} epochs (asked: {cfg.epochs}); nothing to do")
+        if run.lead:
+            print(f"{run.checkpoint_path}: already trained for {run.epoch} epochs (asked: {cfg.epochs}); "
+                  "nothing to do")
         return run.checkpoint_path
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-    from torch.utils.tensorboard import SummaryWriter
+    writer = NoWriter()
+    if run.lead:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=run.step or None)
-    print(f"training {cfg.method.upper()} on {device}: {len(run.train_ds)} clips x {cfg.epochs} epochs, "
-          f"batch {cfg.batch_size}, lr {cfg.lr}, beta {cfg.beta}; run folder {out}")
+        writer = SummaryWriter(str(out / "tb"), purge_step=run.step or None)
+        processes = f" x {world} processes" if world > 1 else ""
+        print(f"training {cfg.method.upper()} on {device}{processes}: {len(run.train_ds)} clips x {cfg.epochs} "
+              f"epochs, batch {cfg.batch_size}, lr {cfg.lr}, beta {cfg.beta}; run folder {out}")
     run.encoder.train()
     try:
         with StopFlag() as stop:
-            while run.epoch < cfg.epochs and not stop.requested:
+            while run.epoch < cfg.epochs and not stopping(run, stop):
                 if run_epoch(run, writer, stop):
                     end_epoch(run, writer)
                 save(run)
@@ -414,7 +525,8 @@ def train(cfg: TrainConfig) -> Path:
                  f"at epoch {run.epoch + 1}, batch {run.batch}/{run.n_batches}")
         raise Interrupted(f"interrupted: saved {run.checkpoint_path} {where}; continue with: "
                           f"python -m train.sim --resume --out {out}")
-    print(f"done: {run.checkpoint_path}")
+    if run.lead:
+        print(f"done: {run.checkpoint_path}")
     return run.checkpoint_path
 
 
