@@ -13,7 +13,7 @@ from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
 
 TIMELINE_LEVEL = "m3"
-_KEYS = ("mu", "logvar", "kl", "maha", "score", "p_value", "ood")
+_KEYS = ("mu", "logvar", "kl", "maha", "score", "window", "p_value", "ood")
 
 
 class FrameCollector:
@@ -33,7 +33,7 @@ class FrameCollector:
                 raise ValueError(f"level {f.level}: frame {f.first_index} arrived where {expected} was expected")
             col = self._columns.setdefault(f.level, {k: [] for k in _KEYS})
             for key, values in (("mu", f.mu), ("logvar", f.logvar), ("kl", f.kl), ("maha", f.maha),
-                                ("score", f.ood_score), ("ood", f.ood),
+                                ("score", f.ood_score), ("window", f.window_score), ("ood", f.ood),
                                 ("p_value", f.p_value if f.p_value is not None
                                  else np.full(f.count, np.nan, np.float32))):
                 if values is not None:
@@ -49,8 +49,8 @@ class FrameCollector:
         return self._counts.get(level, 0)
 
     def column(self, level: str, key: str) -> np.ndarray | None:
-        """All frames' values of one key ("mu", "logvar", "kl", "maha", "score", "p_value", "ood") of
-        a level so far; None when none were received."""
+        """All frames' values of one key ("mu", "logvar", "kl", "maha", "score", "window", "p_value",
+        "ood") of a level so far; None when none were received."""
         parts = self._columns.get(level, {}).get(key)
         if not parts:
             return None
@@ -59,8 +59,12 @@ class FrameCollector:
         return parts[0]
 
     def recent(self, level: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The OOD scores and flags of a level's last n frames (fewer at the start)."""
-        scores, ood = self.column(level, "score"), self.column(level, "ood")
+        """The scores the flags are decided on (window scores; per-frame scores from a server
+        without windows) and the flags of a level's last n frames (fewer at the start)."""
+        scores = self.column(level, "window")
+        if scores is None:
+            scores = self.column(level, "score")
+        ood = self.column(level, "ood")
         if scores is None:
             return np.zeros(0, np.float32), np.zeros(0, bool)
         return scores[-n:], ood[-n:]
@@ -70,7 +74,7 @@ class FrameCollector:
         out: dict[str, np.ndarray] = {}
         for level in self._columns:
             out[level] = np.array(self.column(level, "mu"))
-            for key in ("kl", "logvar", "maha", "score", "p_value", "ood"):
+            for key in ("kl", "logvar", "maha", "score", "window", "p_value", "ood"):
                 values = self.column(level, key)
                 if values is not None:
                     out[f"{key}_{level}"] = np.array(values)

@@ -1,7 +1,8 @@
 """`python -m clients.mic --server HOST:PORT`: live microphone -> service, with a live terminal view.
 
 Records 16 kHz mono with sounddevice (PortAudio), sends every block as it arrives and shows the
-input level, a scrolling sparkline of the per-frame OOD score and the flagged stretches. Ctrl-C
+input level, a scrolling sparkline of the OOD score the flags are decided on (the per-frame score's
+mean over the model's window, a few hundred ms) and the flagged stretches. Ctrl-C
 (or --duration) stops: the stream is half-closed, the last frames arrive, and --save PREFIX
 writes PREFIX.wav (exactly the audio sent) and PREFIX.npz (arrays as clients.stream saves).
 """
@@ -160,7 +161,7 @@ class MicSession:
         return np.concatenate(self.recorded) if self.recorded else np.zeros(0, np.float32)
 
     def scores(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The OOD scores and flags of the view level's last n frames."""
+        """The window scores (the flags' basis) and flags of the view level's last n frames."""
         with self.lock:
             return self.collector.recent(self.view_level, n)
 
@@ -175,11 +176,12 @@ class LiveView:
     """Redraws a few lines in place on a terminal; prints a line per second elsewhere."""
 
     def __init__(self, frame_seconds: float, out=sys.stdout, level: str = TIMELINE_LEVEL,
-                 threshold: float | None = None):
+                 threshold: float | None = None, window_seconds: float | None = None):
         self.out = out
         self.tty = out.isatty()
         self.level = level
         self.threshold = threshold  # the level's OOD threshold: the sparkline's midpoint
+        self.window_s = window_seconds  # the window the shown score averages over
         self.frame_s = frame_seconds  # of the level's frames
         self._drawn = 0
         self._last_plain = 0.0
@@ -207,8 +209,9 @@ class LiveView:
         marks = "".join("^" if f else " " for f in ood)
         recent = ", ".join(f"{a:.2f}-{b:.2f} s" for a, b in stretches[-4:]) or "none"
         scale = f"(0 .. {hi:.3g}, threshold {self.threshold:.3g})" if self.threshold else ""
+        label = f"mean over {self.window_s:.2g} s" if self.window_s else "per frame"
         lines = [head, f"OOD score  {spark}", f"flagged    {marks}",
-                 f"stretches  {recent}   {scale}   Ctrl-C to stop"]
+                 f"stretches  {recent}   score {label} {scale}   Ctrl-C to stop"]
         if self._drawn:
             self.out.write(f"\x1b[{self._drawn}F")
         for line in lines:
@@ -268,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     session = MicSession(conn, rate, device=device, block_samples=max(1, int(round(args.block_ms * rate / 1000))),
                          levels=[lv for lv in args.levels.split(",") if lv], return_logvar=args.logvar,
                          view_level=args.view_level)
-    view = LiveView(served.frame_seconds(args.view_level), level=args.view_level, threshold=view_level.threshold)
+    view = LiveView(served.frame_seconds(args.view_level), level=args.view_level, threshold=view_level.threshold,
+                    window_seconds=served.window_seconds(args.view_level))
 
     def started(stream) -> None:
         print(f"recording from {stream.device if device is not None else 'the default input'} at "

@@ -67,6 +67,12 @@ def geometry(dims) -> dict:
             "state": state_spec(dims.channels, dims.hidden)}
 
 
+def reference_indices(n_utterances: int, n_clips: int, seed: int) -> list[int]:
+    """Which utterances of the test split the calibration uses (the benchmarks leave them out)."""
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_utterances, size=min(n_clips, n_utterances), replace=False))
+
+
 def load_reference_audio(corpus_dir: str | None, n_clips: int, seed: int) -> list[np.ndarray]:
     """n_clips utterances of the corpus's held-out "test" split (words the encoder never trained on)."""
     from train.corpus import CorpusError, find_corpus, load_corpus
@@ -78,9 +84,8 @@ def load_reference_audio(corpus_dir: str | None, n_clips: int, seed: int) -> lis
         raise ExportError(str(exc)) from None
     if len(utts) < 2:
         raise ExportError(f"{root}: the test split has {len(utts)} utterances; calibration needs at least 2")
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(utts), size=min(n_clips, len(utts)), replace=False))
     audio = []
+    chosen = reference_indices(len(utts), n_clips, seed)
     for i in tqdm(chosen, desc="reading reference audio", unit="clip", file=sys.stderr, leave=False):
         try:
             audio.append(load_audio(utts[i].path))
@@ -176,10 +181,13 @@ def run_export(args: argparse.Namespace) -> dict:
     # 1. calibration on held-out corpus audio
     per_clip = [offline_levels(encoder, a) for a in tqdm(reference, desc="encoding reference audio",
                                                           unit="clip", file=sys.stderr)]
-    gaussians, calib = calibration.calibrate(per_clip, dims.levels, dims.variational, args.fpr, seed=args.seed)
+    windows = calibration.window_frames(args.ood_window, level_hops(), SAMPLE_RATE)
+    gaussians, calib = calibration.calibrate(per_clip, dims.levels, dims.variational, args.fpr,
+                                             {lv: windows[lv] for lv in dims.levels}, seed=args.seed)
+    calib["window_seconds"] = args.ood_window
     for level, c in calib["levels"].items():
-        log(f"  calibration {level}: score {c['score']}, {c['n_ref']} reference frames, "
-            f"threshold at fpr {args.fpr:g} = {c['threshold']:.4g}")
+        log(f"  calibration {level}: mean {c['score']} over {c['window_frames']} frames, {c['n_ref']} reference "
+            f"windows, threshold at fpr {args.fpr:g} = {c['threshold']:.4g}")
 
     # 2. graphs
     geo = geometry(dims)
@@ -284,6 +292,17 @@ def false_positive_rate(text: str) -> float:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not value > 0.0 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
@@ -293,7 +312,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (created; files in it are replaced)")
     p.add_argument("--decoders", metavar="DIR", help="directory of decoder_<level>.pt from python -m train.decoder")
     p.add_argument("--fpr", type=false_positive_rate, default=0.01,
-                   help="false-positive rate of the OOD thresholds on in-distribution frames (default 0.01)")
+                   help="false-positive rate of the OOD thresholds on windows of held-out words (default 0.01)")
+    p.add_argument("--ood-window", type=positive_seconds, default=calibration.WINDOW_SECONDS, metavar="SECONDS",
+                   help="OOD flags are decided on the mean per-frame score over this much audio, calibrated on "
+                        "windows of held-out words (default %(default)s s; docs/reliability.md)")
     p.add_argument("--calibration-clips", type=int_at_least(2), default=400, metavar="N",
                    help="held-out corpus utterances used for calibration, half to fit, half to score (default 400)")
     p.add_argument("--corpus", metavar="DIR", help="corpus directory (default: the default corpus cache)")

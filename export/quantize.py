@@ -171,17 +171,14 @@ def accuracy(fp32: list[dict], int8: list[dict], levels: list[str]) -> dict:
 
 def recalibrate(calib: dict, int8: list[dict], levels: list[str], fpr: float) -> dict:
     """The calibration's reference scores and thresholds re-measured on the int8 step's outputs
-    (same scoring half of the clips as export.calibration; the baked Gaussians are unchanged)."""
+    (same scoring half of the clips and windows as export.calibration; the baked Gaussians are unchanged)."""
     _, score_idx = calibration.split_halves(len(int8))
-    new = {"fpr": calib["fpr"], "levels": {}, "measured_with": "int8 step"}
+    new = {**calib, "levels": {}, "measured_with": "int8 step"}
     for level in levels:
         old = calib["levels"][level]
-        stats = {"maha": calibration.score_stats(np.concatenate([int8[i][f"maha_{level}"] for i in score_idx]), fpr)}
-        if f"kl_{level}" in int8[0]:
-            stats["kl"] = calibration.score_stats(np.concatenate([int8[i][f"kl_{level}"] for i in score_idx]), fpr)
-        primary = old["score"]
-        new["levels"][level] = {**old, "score": primary, **stats[primary],
-                                "other": {k: v for k, v in stats.items() if k != primary}}
+        scores = {kind: [int8[i][f"{kind}_{level}"] for i in score_idx]
+                  for kind in ("maha", "kl") if f"{kind}_{level}" in int8[0]}
+        new["levels"][level] = {**old, **calibration.reference_entry(scores, old["window_frames"], fpr)}
     return new
 
 

@@ -63,10 +63,12 @@ def test_sim_export_writes_every_graph_and_a_complete_manifest(exported):
 def test_calibration_in_the_manifest(exported):
     m = load_manifest(exported("sim", decoders=True))
     cal = m["calibration"]
-    assert cal["fpr"] == 0.01
+    assert cal["fpr"] == 0.01 and cal["window_seconds"] == 0.3
     for level in m["levels"]:
         c = cal["levels"][level]
-        assert c["score"] == ("maha" if level == "ar" else "kl")
+        assert c["score"] == "maha"  # the flag's per-frame score, averaged over 0.3 s
+        assert c["window_frames"] == {"m1": 240, "m2": 60, "m3": 30, "ar": 30}[level]
+        assert c["frame"]["n_ref"] == c["n_ref"] and "reference" not in c["frame"]
         ref = np.array(c["reference"])
         assert 0 < ref.size <= 4096 and np.all(np.diff(ref) >= 0)
         assert ref.size == min(c["n_ref"], 4096)
@@ -75,7 +77,7 @@ def test_calibration_in_the_manifest(exported):
         assert above <= 0.011 + 1.0 / ref.size
         assert p_value(ref, np.array([c["threshold"]]))[0] == pytest.approx(0.01, abs=0.01 + 2.0 / ref.size)
         if level != "ar":
-            assert set(c["other"]) == {"maha"} and len(c["other"]["maha"]["reference"]) > 0
+            assert set(c["other"]) == {"kl"} and len(c["other"]["kl"]["reference"]) > 0
     # 10 clips to fit and 10 to score: the frames of the scoring half
     assert cal["levels"]["m3"]["n_clips_fit"] == cal["levels"]["m3"]["n_clips_ref"] == 10
 
