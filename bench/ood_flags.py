@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from export import calibration  # noqa: E402
-from export.ood_signals import is_anomaly, signal_set  # noqa: E402
 from export.onnx import reference_indices  # noqa: E402
+from export.ood_signals import is_anomaly, signal_set  # noqa: E402
 from export.streams import encode_streams  # noqa: E402
 from serve.runtime import StreamingModel  # noqa: E402
 from serve.scoring import Scorer, flags, rolling_mean  # noqa: E402
