@@ -10,8 +10,9 @@ negatives), words of the held-out voice, white noise at several RMS levels, pure
 time-reversed words, hard-clipped words, silence and, with --real (default: Debian's
 codec2-examples, when installed), real recorded speech.
 
-Prints, per signal and level: the share of frames flagged, and the AUROC of the clip's mean
-per-frame score against held-out words (the separation a per-file decision could reach).
+Prints, per signal and level: the share of frames flagged, the share of clips with a flag and the
+AUROC of the clip's mean per-frame score against held-out words (the separation a per-file
+decision could reach).
 
 --compare also re-calibrates, from the same reference clips as the export, the per-frame scores
 kl and maha with rolling windows of other lengths (1 frame = no window) at the manifest's
@@ -76,12 +77,14 @@ def flag_table(model: StreamingModel, encoded: dict[str, list[dict]], negative: 
             cal = scorer.cal.get(level)
             if cal is None:
                 continue
-            ood = np.concatenate([scorer.score(level, {"maha": c[f"maha_{level}"], **(
-                {"kl": c[f"kl_{level}"]} if f"kl_{level}" in c else {})}).ood for c in clips])
+            per_clip = [scorer.score(level, {k: c[f"{k}_{level}"] for k in ("maha", "kl") if f"{k}_{level}" in c}).ood
+                        for c in clips]
+            ood = np.concatenate(per_clip)
             key = f"{cal.score}_{level}"
             means = np.array([c[key].mean() for c in clips if c[key].size])
             neg = np.array([c[key].mean() for c in encoded[negative] if c[key].size])
             row[level] = {"flagged": float(ood.mean()) if ood.size else float("nan"),
+                          "clips": float(np.mean([o.any() for o in per_clip])),
                           "auroc": auroc(means, neg) if name != negative else float("nan"),
                           "frames": int(ood.size)}
     return table
@@ -161,6 +164,8 @@ def main() -> int:
     out = {"model": str(args.model), "flags": table, "counts": {k: len(v) for k, v in clips.items()}}
     print("\nShare of frames flagged (served calibration):\n")
     print("\n".join(markdown(table, levels, "flagged", lambda v: f"{100 * v:.1f} %")))
+    print("\nShare of clips with at least one flagged frame:\n")
+    print("\n".join(markdown(table, levels, "clips", lambda v: f"{100 * v:.0f} %")))
     print("\nAUROC of the clip's mean per-frame score against held-out words:\n")
     print("\n".join(markdown({k: v for k, v in table.items() if k != "held-out words"}, levels, "auroc",
                              lambda v: f"{v:.3f}")))
