@@ -16,11 +16,24 @@ TIMELINE_LEVEL = "m3"
 _KEYS = ("mu", "logvar", "kl", "maha", "score", "window", "p_value", "ood")
 
 
-class FrameCollector:
-    """Accumulates the frames of one stream, level by level, checking their indices run 0, 1, 2, ..."""
+_SMALL = ("score", "window", "p_value", "ood")  # one value per frame: kept for the timeline level with a sink
 
-    def __init__(self, timeline_level: str = TIMELINE_LEVEL):
+
+def array_name(level: str, key: str) -> str:
+    """The name of a level's array in arrays() and in saved files: the level for mu, else key_level."""
+    return level if key == "mu" else f"{key}_{level}"
+
+
+class FrameCollector:
+    """Accumulates the frames of one stream, level by level, checking their indices run 0, 1, 2, ...
+
+    With a `sink` (clients.npz_stream.NpzStream), every array goes to the sink as it arrives and
+    only the timeline level's per-frame scores and flags stay in memory (arrays() then holds
+    just those): a long file's latents never have to fit in memory."""
+
+    def __init__(self, timeline_level: str = TIMELINE_LEVEL, sink=None):
         self.timeline_level = timeline_level
+        self.sink = sink
         self._columns: dict[str, dict[str, list[np.ndarray]]] = {}  # level -> key -> parts, in order
         self._counts: dict[str, int] = {}
 
@@ -36,7 +49,11 @@ class FrameCollector:
                                 ("score", f.ood_score), ("window", f.window_score), ("ood", f.ood),
                                 ("p_value", f.p_value if f.p_value is not None
                                  else np.full(f.count, np.nan, np.float32))):
-                if values is not None:
+                if values is None:
+                    continue
+                if self.sink is not None:
+                    self.sink.append(array_name(f.level, key), values)
+                if self.sink is None or (f.level == self.timeline_level and key in _SMALL):
                     col[key].append(values)
             self._counts[f.level] = expected + f.count
         return got
@@ -73,11 +90,10 @@ class FrameCollector:
         """Every level's arrays so far (a level appears once its first frame has arrived)."""
         out: dict[str, np.ndarray] = {}
         for level in self._columns:
-            out[level] = np.array(self.column(level, "mu"))
-            for key in ("kl", "logvar", "maha", "score", "window", "p_value", "ood"):
+            for key in _KEYS:
                 values = self.column(level, key)
                 if values is not None:
-                    out[f"{key}_{level}"] = np.array(values)
+                    out[array_name(level, key)] = np.array(values)
         if self.timeline_level in self._columns:
             out["p_value"] = out[f"p_value_{self.timeline_level}"]
             out["ood"] = out[f"ood_{self.timeline_level}"]

@@ -64,6 +64,9 @@ def resolve_device(spec: str | None):
     return matches[0]
 
 
+DURATION_GRACE_S = 5.0  # with --duration, stop anyway this long after the duration if the device lags
+
+
 class MicSession:
     """Microphone capture, the gRPC stream and the state the view shows. Threads: PortAudio's
     callback (capture), gRPC's request thread (send), one receive thread; the caller renders."""
@@ -83,6 +86,7 @@ class MicSession:
         self._stop = threading.Event()
         self.recorded: list[np.ndarray] = []  # exactly what was sent
         self.samples_sent = 0
+        self.max_samples: int | None = None  # --duration: send exactly this many samples, then half-close
         self.last_db = -math.inf
         self.overflows = 0
         self.error: grpc.RpcError | None = None
@@ -105,6 +109,11 @@ class MicSession:
                 if self._stop.is_set():
                     return  # half-close: the server flushes the tail
                 continue
+            if self.max_samples is not None:
+                block = block[:max(0, self.max_samples - self.samples_sent)]
+                if block.size == 0:
+                    self._stop.set()
+                    return
             self.recorded.append(block)
             self.samples_sent += block.shape[0]
             self.last_db = dbfs(block)
@@ -136,12 +145,17 @@ class MicSession:
         except Exception as exc:  # PortAudioError and ValueError for bad devices/rates
             raise ClientError(f"cannot open the microphone: {exc}") from None
         receiver.start()
-        t_end = None if duration is None else time.monotonic() + duration
+        # --duration counts samples sent, not wall time (the device starts late and delivers in blocks);
+        # the wall-clock end is only a safety net for a device that delivers nothing
+        t_end = None if duration is None else time.monotonic() + duration + DURATION_GRACE_S
+        if duration is not None:
+            self.max_samples = int(round(duration * self.sample_rate))
         try:
             with stream:
                 if on_start is not None:
                     on_start(stream)
-                while not self._stop.is_set() and (t_end is None or time.monotonic() < t_end):
+                while not self._stop.is_set() and (t_end is None or time.monotonic() < t_end) and not (
+                        self.max_samples is not None and self.samples_sent >= self.max_samples):
                     time.sleep(render_every)
                     if render is not None:
                         render(self)

@@ -94,6 +94,24 @@ def load_reference_audio(corpus_dir: str | None, n_clips: int, seed: int) -> lis
     return audio
 
 
+def load_check_audio(directory: str, max_seconds: float = 10.0) -> list[np.ndarray]:
+    """The audio files of a directory (any rate, mono mix), at most max_seconds each, for the int8 check."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ExportError(f"--int8-check {d}: no such directory")
+    clips = []
+    for path in sorted(p for p in d.iterdir() if p.suffix.lower() in (".wav", ".flac", ".ogg")):
+        try:
+            audio = load_audio(path, allow_resample=True, mixdown=True)
+        except AudioError as exc:
+            log(f"warning: --int8-check: skipping {exc}")
+            continue
+        clips.append(audio[:int(max_seconds * SAMPLE_RATE)])
+    if not clips:
+        raise ExportError(f"--int8-check {d}: no readable .wav, .flac or .ogg files")
+    return clips
+
+
 def load_decoders(directory: str, encoder: Encoder) -> dict[str, torch.nn.Module]:
     """decoder_<level>.pt for the encoder's conv levels, via train.decoder.load_decoder."""
     from train.decoder import load_decoder
@@ -232,14 +250,19 @@ def make_int8(out: Path, manifest: dict, encoder: Encoder, reference: list[np.nd
     manifest. If the int8 step is not accurate enough the fp32 export stays as it was."""
     from export import quantize
 
-    log("quantizing the streaming step to int8 (static scales from the reference clips)")
+    log("quantizing the streaming step to int8 (static scales from the reference clips, noise and tones"
+        + (f" and {args.int8_check}" if args.int8_check else "") + ")")
+    extra = {}
+    if args.int8_check:
+        extra[f"recordings in {args.int8_check}"] = load_check_audio(args.int8_check)
     try:
-        entry, calib = quantize.quantize_export(out, encoder, reference, manifest["calibration"], args.fpr, args.seed)
+        entry, calib = quantize.quantize_export(out, encoder, reference, manifest["calibration"], args.fpr, args.seed,
+                                                quantize.check_signals(extra, seed=args.seed))
     except RuntimeError as exc:
         raise Int8Error(f"{exc}\n{out} still holds the verified fp32 export") from None
-    for level, acc in entry["accuracy"].items():
-        log(f"  {level}: int8 vs fp32 relative RMS error {acc['rel_rms_err']:.3g}, "
-            f"lowest frame cosine {acc['min_cosine']:.4f}")
+    for name, by_level in entry["accuracy_by_signal"].items():
+        log(f"  {name}: int8 vs fp32 relative RMS error " + ", ".join(
+            f"{level} {acc['rel_rms_err']:.3g}" for level, acc in by_level.items()))
     files = manifest["files"]
     files[quantize.STEP_FP32] = {"role": "step-fp32"}
     for name in (quantize.STEP, quantize.STEP_FP32):
@@ -324,7 +347,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="also quantize the streaming step to int8 for CPU serving (~2x faster on AVX512-VNNI; "
                         "latents within a few %% of fp32, measured and recorded in the manifest; refused above "
-                        "5 %%; the fp32 step is kept as step.fp32.onnx)")
+                        "5 %% on the calibration words, noise, tones or --int8-check; the fp32 step is kept as "
+                        "step.fp32.onnx)")
+    p.add_argument("--int8-check", metavar="DIR",
+                   help="with --int8: also calibrate and check the int8 step on the audio files in DIR (e.g. real "
+                        "recordings like those the model will serve; at most 10 s of each)")
     return p
 
 

@@ -147,6 +147,7 @@ def test_mic_client_latents_match_streaming_the_file(virtual_mic, server, small_
     assert f"saved {prefix}.npz" in out
 
     recording = sf.read(f"{prefix}.wav", dtype="float32")[0]
+    assert recording.size == round(float(f"{duration:.2f}") * SAMPLE_RATE)  # --duration: exactly that much audio
     got = np.load(f"{prefix}.npz")
     np.testing.assert_array_equal(got["audio"], recording)
     lag, corr = lag_of(recording, clip)

@@ -16,13 +16,18 @@ from train.corpus import load_corpus
 
 @pytest.fixture(scope="module")
 def int8_model(tmp_path_factory, small_corpus):
+    from conftest import write_audio
     from export.onnx import main
 
     root = tmp_path_factory.mktemp("int8")
     ckpt = write_checkpoint(root / "sim.pt", "sim", seed=3)
+    t = np.arange(24000) / 48000.0  # recordings unlike the words, at another rate: a chirp and a noise burst
+    write_audio(root / "check" / "chirp.wav", 0, rate=48000,
+                data=(0.3 * np.sin(2 * np.pi * (200 + 3000 * t) * t)).astype(np.float32)[:, None])
+    write_audio(root / "check" / "burst.flac", 8000)
     with one_torch_thread():
         assert main([str(ckpt), "--out", str(root / "model"), "--corpus", str(small_corpus),
-                     "--calibration-clips", "12", "--skip-verify", "--int8"]) == 0
+                     "--calibration-clips", "12", "--skip-verify", "--int8", "--int8-check", str(root / "check")]) == 0
     return root / "model"
 
 
@@ -33,6 +38,14 @@ def test_int8_export_writes_a_loadable_measured_manifest(int8_model):
     assert set(q["accuracy"]) == {"m1", "m2", "m3", "ar"}
     for level, acc in q["accuracy"].items():
         assert 0.0 < acc["rel_rms_err"] <= q["max_rel_rms_err"] and acc["min_cosine"] > 0.99, (level, acc)
+    # measured on audio unlike the calibration words too, each within the bar
+    by_signal = q["accuracy_by_signal"]
+    assert set(by_signal) == {"calibration words", "white noise", "pure tones",
+                              f"recordings in {int8_model.parent / 'check'}"}
+    assert by_signal["calibration words"] == q["accuracy"]
+    for name, per_level in by_signal.items():
+        assert set(per_level) == {"m1", "m2", "m3", "ar"}
+        assert all(0.0 < a["rel_rms_err"] <= q["max_rel_rms_err"] for a in per_level.values()), (name, per_level)
     assert man["calibration"]["measured_with"] == "int8 step"
     # the quantized Gemms are conv layers 2-5 (k x 32 inputs): not the first conv, the heads or the scorers
     graph = onnx.load(str(int8_model / STEP_FP32)).graph
