@@ -267,8 +267,9 @@ def make_int8(out: Path, manifest: dict, encoder: Encoder, reference: list[np.nd
     files[quantize.STEP_FP32] = {"role": "step-fp32"}
     for name in (quantize.STEP, quantize.STEP_FP32):
         files[name]["sha256"] = sha256_file(out / name)
+    # the fp32 step's calibration is kept for comparison: int8 scores are not fp32 scores (docs/streaming.md)
     manifest.update(precision={"step": "int8", "flush": "fp32", "offline": "fp32"}, quantization=entry,
-                    calibration=calib)
+                    calibration=calib, calibration_fp32=manifest["calibration"])
     write_manifest(out, manifest)
     return manifest
 
