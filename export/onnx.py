@@ -37,7 +37,17 @@ from export.verify import (
 from serve.model_dir import FORMAT, MANIFEST, sha256_file
 from serve.onnx_sessions import providers
 from serve.runtime import StreamingModel
-from train.audio import HOP, LEFT_REACH, LOOKAHEAD, RECEPTIVE_FIELD, SAMPLE_RATE, AudioError, level_hops, load_audio
+from train.audio import (
+    CROP_SAMPLES,
+    HOP,
+    LEFT_REACH,
+    LOOKAHEAD,
+    RECEPTIVE_FIELD,
+    SAMPLE_RATE,
+    AudioError,
+    level_hops,
+    load_audio,
+)
 from train.checkpoint import CheckpointError, code_version, load_encoder
 from train.cli import int_at_least
 from train.model import Encoder, fold_batch_norm
@@ -84,11 +94,31 @@ def load_reference_audio(corpus_dir: str | None, n_clips: int, seed: int) -> lis
         raise ExportError(str(exc)) from None
     if len(utts) < 2:
         raise ExportError(f"{root}: the test split has {len(utts)} utterances; calibration needs at least 2")
+    return _read_clips([u.path for u in utts], n_clips, seed)
+
+
+def held_out_folder_audio(data_dir: str, n_clips: int, seed: int, crop: int) -> list[np.ndarray]:
+    """n_clips files of the tenth of an audio folder that `python -m train.sim --data DIR` held out
+    for validation (the first tenth of its sorted usable files; the encoder never trained on them)."""
+    from train.data import DataError, scan_audio_dir
+
+    try:
+        files = scan_audio_dir(data_dir, min_samples=crop)
+    except DataError as exc:
+        raise ExportError(str(exc)) from None
+    held = files[:max(1, len(files) // 10)] if len(files) > 1 else []
+    if len(held) < 2:
+        raise ExportError(f"--data {data_dir}: its held-out tenth has {len(held)} files; calibration needs at "
+                          "least 2 (the folder needs 20 or more usable files)")
+    return _read_clips(held, n_clips, seed)
+
+
+def _read_clips(paths: list, n_clips: int, seed: int) -> list[np.ndarray]:
     audio = []
-    chosen = reference_indices(len(utts), n_clips, seed)
-    for i in tqdm(chosen, desc="reading reference audio", unit="clip", file=sys.stderr, leave=False):
+    for i in tqdm(reference_indices(len(paths), n_clips, seed), desc="reading reference audio", unit="clip",
+                  file=sys.stderr, leave=False):
         try:
-            audio.append(load_audio(utts[i].path))
+            audio.append(load_audio(paths[i]))
         except AudioError as exc:
             raise ExportError(str(exc)) from None
     return audio
@@ -190,7 +220,14 @@ def run_export(args: argparse.Namespace) -> dict:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
     log(f"exporting {args.checkpoint} ({dims.method}, {dims.channels} channels, GRU {dims.hidden}) to {out}")
-    reference = load_reference_audio(args.corpus, args.calibration_clips, args.seed)
+    config = dict(ckpt.get("config") or {})
+    data = args.data or (config.get("data") if config.get("data") not in (None, "corpus") else None)
+    if data:
+        log(f"calibrating on the held-out tenth of {data} (the audio the model was trained on)")
+        reference = held_out_folder_audio(data, args.calibration_clips, args.seed,
+                                          int(config.get("crop") or CROP_SAMPLES))
+    else:
+        reference = load_reference_audio(args.corpus, args.calibration_clips, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / MANIFEST, out / (MANIFEST + ".failed")):
         if stale.exists():
@@ -215,7 +252,6 @@ def run_export(args: argparse.Namespace) -> dict:
     for name in files:
         files[name]["sha256"] = sha256_file(out / name)
 
-    config = dict(ckpt.get("config") or {})
     manifest = {
         "format": FORMAT, "method": dims.method, "beta": config.get("beta"), "variational": dims.variational,
         "dims": dims.to_dict(), "config": config, "checkpoint": str(Path(args.checkpoint).resolve()),
@@ -224,7 +260,8 @@ def run_export(args: argparse.Namespace) -> dict:
         "code_version": code_version(), "geometry": geo, "levels": list(dims.levels),
         "level_dims": level_dims_of(encoder), "files": files, "calibration": calib,
         "export": {"fpr": args.fpr, "calibration_clips": len(reference), "seed": args.seed,
-                   "corpus": str(args.corpus) if args.corpus else "default", "providers": providers()},
+                   "corpus": str(args.corpus) if args.corpus else "default", "data": data,
+                   "providers": providers()},
     }
     write_manifest(out, manifest)
 
@@ -331,7 +368,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
         epilog="Reference audio for the OOD calibration is the default corpus's held-out test split "
-               "(built on first use); see docs/streaming.md for the streaming graphs.")
+               "(built on first use), or the held-out tenth of the audio folder the model was trained on "
+               "(--data); see docs/streaming.md for the streaming graphs and the calibration.")
     p.add_argument("checkpoint", help="checkpoint.pt written by python -m train.sim")
     p.add_argument("--out", required=True, help="output directory (created; files in it are replaced)")
     p.add_argument("--decoders", metavar="DIR", help="directory of decoder_<level>.pt from python -m train.decoder")
@@ -343,6 +381,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-clips", type=int_at_least(2), default=400, metavar="N",
                    help="held-out corpus utterances used for calibration, half to fit, half to score (default 400)")
     p.add_argument("--corpus", metavar="DIR", help="corpus directory (default: the default corpus cache)")
+    p.add_argument("--data", metavar="DIR",
+                   help="calibrate on the held-out tenth of this audio folder instead of the corpus (default: the "
+                        "folder the checkpoint was trained on with train.sim --data, if any)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing clips and random test audio")
     p.add_argument("--skip-verify", action="store_true", help="write the files without verifying them")
     p.add_argument("--int8", action="store_true",
