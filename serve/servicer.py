@@ -294,7 +294,9 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                               "model_format": str(man.get("format", "")),
                               "model_code_version": str(man.get("code_version", "unknown")),
                               "checkpoint_sha256": str(man.get("checkpoint_sha256", "")),
-                              "step_precision": m.step_precision})
+                              "step_precision": m.step_precision,
+                              # an int8 step's scores differ from fp32's; its thresholds are its own
+                              "calibration_measured_with": str(cal.get("measured_with", "fp32 step"))})
         lim = self.limits
         resp.limits.CopyFrom(pb.Limits(max_message_bytes=lim.max_message_bytes, max_streams=lim.max_streams,
                                        max_stream_seconds=lim.max_stream_seconds,

@@ -112,7 +112,8 @@ def test_the_server_serves_an_int8_model_and_says_so(int8_model, small_corpus, t
     try:
         with grpc.insecure_channel(srv.address) as channel:
             stub = pb_grpc.SimEncoderStub(channel)
-            assert stub.Info(pb.InfoRequest(), timeout=10).versions["step_precision"] == "int8"
+            versions = stub.Info(pb.InfoRequest(), timeout=10).versions
+            assert versions["step_precision"] == "int8" and versions["calibration_measured_with"] == "int8 step"
             col = FrameCollector()
             for resp in stub.StreamEncode(file_requests(audio, SAMPLE_RATE, 777), timeout=60):
                 col.add(resp)
