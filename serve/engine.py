@@ -128,6 +128,12 @@ class Engine:
                 self.streams[sid].input_closed = True
 
         held = set(req.held)
+        # a stream closed without a single sample ends with no frames (a flush would return frames
+        # made of padding alone)
+        empty = [(sid, st) for sid, st in self.streams.items()
+                 if st.input_closed and st.decoded == 0 and not st.finished_told and sid not in held]
+        for sid, _ in empty:
+            self._drop(sid)
         batch = self._feed([(sid, st) for sid, st in self.streams.items() if sid not in held])
         t0 = time.perf_counter()
         try:
@@ -139,7 +145,8 @@ class Engine:
                 self._drop(sid)
             batch = []
         elapsed = time.perf_counter() - t0
-        results, unbuilt = [], []
+        results = [(sid, None, True, 0) for sid, _ in empty]
+        unbuilt = [({}, st.levels, st.return_logvar, st.history) for _, st in empty]
         for sid, st in batch:
             rt = st.runtime
             results.append((sid, None, rt.flushed, rt.samples_received - rt.buffered_samples))

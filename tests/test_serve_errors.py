@@ -157,6 +157,15 @@ def test_message_too_large(tight):
     assert not tight.metric("sim_streams_total", outcome="cancelled")
 
 
+def test_a_stream_without_audio_ends_ok_with_no_frames(server):
+    s, ch = stub(server)
+    try:
+        responses, err = run(s, [cfg(), pb.StreamEncodeRequest(audio=b"")])
+    finally:
+        ch.close()
+    assert err is None and responses == []
+
+
 def test_a_client_that_sends_nothing_ends_ok_and_is_counted_ok(server):
     before = server.metric("sim_streams_total", outcome="ok") or 0
     s, ch = stub(server)
