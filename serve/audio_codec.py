@@ -8,10 +8,11 @@ from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
 from serve.errors import StreamError
 
-# FLOAT32 samples are nominally in [-1, 1]. Larger ones (up to this, 40 dB over full scale) are
-# encoded as they are; beyond it the model's scores leave float32's range (inf, then NaN), so such
-# audio is refused rather than answered with scores that mean nothing.
-MAX_SAMPLE_MAGNITUDE = 100.0
+# FLOAT32 samples are nominally in [-1, 1]. Larger ones, up to this (20 dB over full scale), are
+# encoded as they are; much larger ones drive the scores out of float32's range (the KL's
+# exp(logvar) first: inf at m1 from about 30x full scale on a trained model, docs/reliability.md),
+# so such audio is refused rather than answered with scores that mean nothing.
+MAX_SAMPLE_MAGNITUDE = 10.0
 
 
 def encoding_name(encoding: int) -> str:

@@ -84,7 +84,7 @@ AUDIO = audio_request(np.zeros(1600, np.float32))
     ([cfg(), audio_request(np.array([0.1, np.nan, 0.2], np.float32))], "NaN or infinite samples (first at sample 1 "),
     ([cfg(), AUDIO, audio_request(np.array([0.1, 0.2, np.nan], np.float32))], "first at sample 1602 of the stream"),
     ([cfg(), audio_request(np.array([0.1, np.inf], np.float32))], "NaN or infinite"),
-    ([cfg(), AUDIO, audio_request(np.array([0.5, 1e30], np.float32))], "magnitude 1e+30, above the limit of 100 "
+    ([cfg(), AUDIO, audio_request(np.array([0.5, 1e30], np.float32))], "magnitude 1e+30, above the limit of 10 "
                                                                         "(audio is nominally in [-1, 1]; scale it) "
                                                                         "(first at sample 1601 "),
     ([cfg(), pb.StreamEncodeRequest()], "empty message"),
