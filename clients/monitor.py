@@ -299,10 +299,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"monitor metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr, flush=True)
     monitor = Monitor(conn, served, EventLog(out), metrics, args.level, args.window, args.alert_rate,
                       realtime=args.realtime)
-    spec = served.levels[monitor.level]
-    if spec.threshold is not None:
-        print(f"level {monitor.level}: the server flags a frame when the mean OOD score over the last "
-              f"{served.window_seconds(monitor.level):.2g} s exceeds {spec.threshold:.4g}", file=sys.stderr, flush=True)
     files = [Path(f) for f in args.files]
     watcher = DirectoryWatcher(watch) if watch is not None else None
     if watcher is not None and args.once:
