@@ -186,10 +186,11 @@ def test_info_describes_model_calibration_and_limits(conn, model):
     assert [levels[n].hop_samples for n in LEVELS] == [20, 80, 160, 160]
     assert [levels[n].has_logvar for n in LEVELS] == [True, True, True, False]
     assert [levels[n].has_decoder for n in LEVELS] == [False, False, True, False]
-    assert levels["m3"].calibration.score == "kl" and levels["ar"].calibration.score == "maha"
+    assert levels["m3"].calibration.score == "maha" and levels["ar"].calibration.score == "maha"
+    assert [levels[n].calibration.window_frames for n in LEVELS] == [240, 60, 30, 30]  # 0.3 s at each rate
     assert levels["m3"].calibration.n_ref > 0 and levels["m3"].calibration.fpr == pytest.approx(0.01)
     assert info.versions["api"] == "sim.v2" and info.versions["onnxruntime"]
-    assert info.versions["step_precision"] == "fp32"
+    assert info.versions["step_precision"] == "fp32" and info.versions["calibration_measured_with"] == "fp32 step"
     assert info.limits.max_streams == 64 and "CPUExecutionProvider" in info.providers
 
 
