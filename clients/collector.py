@@ -13,14 +13,27 @@ from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
 
 TIMELINE_LEVEL = "m3"
-_KEYS = ("mu", "logvar", "kl", "maha", "score", "p_value", "ood")
+_KEYS = ("mu", "logvar", "kl", "maha", "score", "window", "p_value", "ood")
+
+
+_SMALL = ("score", "window", "p_value", "ood")  # one value per frame: kept for the timeline level with a sink
+
+
+def array_name(level: str, key: str) -> str:
+    """The name of a level's array in arrays() and in saved files: the level for mu, else key_level."""
+    return level if key == "mu" else f"{key}_{level}"
 
 
 class FrameCollector:
-    """Accumulates the frames of one stream, level by level, checking their indices run 0, 1, 2, ..."""
+    """Accumulates the frames of one stream, level by level, checking their indices run 0, 1, 2, ...
 
-    def __init__(self, timeline_level: str = TIMELINE_LEVEL):
+    With a `sink` (clients.npz_stream.NpzStream), every array goes to the sink as it arrives and
+    only the timeline level's per-frame scores and flags stay in memory (arrays() then holds
+    just those): a long file's latents never have to fit in memory."""
+
+    def __init__(self, timeline_level: str = TIMELINE_LEVEL, sink=None):
         self.timeline_level = timeline_level
+        self.sink = sink
         self._columns: dict[str, dict[str, list[np.ndarray]]] = {}  # level -> key -> parts, in order
         self._counts: dict[str, int] = {}
 
@@ -33,10 +46,14 @@ class FrameCollector:
                 raise ValueError(f"level {f.level}: frame {f.first_index} arrived where {expected} was expected")
             col = self._columns.setdefault(f.level, {k: [] for k in _KEYS})
             for key, values in (("mu", f.mu), ("logvar", f.logvar), ("kl", f.kl), ("maha", f.maha),
-                                ("score", f.ood_score), ("ood", f.ood),
+                                ("score", f.ood_score), ("window", f.window_score), ("ood", f.ood),
                                 ("p_value", f.p_value if f.p_value is not None
                                  else np.full(f.count, np.nan, np.float32))):
-                if values is not None:
+                if values is None:
+                    continue
+                if self.sink is not None:
+                    self.sink.append(array_name(f.level, key), values)
+                if self.sink is None or (f.level == self.timeline_level and key in _SMALL):
                     col[key].append(values)
             self._counts[f.level] = expected + f.count
         return got
@@ -49,8 +66,8 @@ class FrameCollector:
         return self._counts.get(level, 0)
 
     def column(self, level: str, key: str) -> np.ndarray | None:
-        """All frames' values of one key ("mu", "logvar", "kl", "maha", "score", "p_value", "ood") of
-        a level so far; None when none were received."""
+        """All frames' values of one key ("mu", "logvar", "kl", "maha", "score", "window", "p_value",
+        "ood") of a level so far; None when none were received."""
         parts = self._columns.get(level, {}).get(key)
         if not parts:
             return None
@@ -59,8 +76,12 @@ class FrameCollector:
         return parts[0]
 
     def recent(self, level: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The OOD scores and flags of a level's last n frames (fewer at the start)."""
-        scores, ood = self.column(level, "score"), self.column(level, "ood")
+        """The scores the flags are decided on (window scores; per-frame scores from a server
+        without windows) and the flags of a level's last n frames (fewer at the start)."""
+        scores = self.column(level, "window")
+        if scores is None:
+            scores = self.column(level, "score")
+        ood = self.column(level, "ood")
         if scores is None:
             return np.zeros(0, np.float32), np.zeros(0, bool)
         return scores[-n:], ood[-n:]
@@ -69,11 +90,10 @@ class FrameCollector:
         """Every level's arrays so far (a level appears once its first frame has arrived)."""
         out: dict[str, np.ndarray] = {}
         for level in self._columns:
-            out[level] = np.array(self.column(level, "mu"))
-            for key in ("kl", "logvar", "maha", "score", "p_value", "ood"):
+            for key in _KEYS:
                 values = self.column(level, key)
                 if values is not None:
-                    out[f"{key}_{level}"] = np.array(values)
+                    out[array_name(level, key)] = np.array(values)
         if self.timeline_level in self._columns:
             out["p_value"] = out[f"p_value_{self.timeline_level}"]
             out["ood"] = out[f"ood_{self.timeline_level}"]

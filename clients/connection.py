@@ -75,8 +75,9 @@ def connect(args: argparse.Namespace, wait: bool = True) -> Connection:
             grpc.channel_ready_future(channel).result(timeout=args.timeout)
         except grpc.FutureTimeoutError:
             channel.close()
-            raise ClientError(f"cannot reach the server at {args.server} within {args.timeout:g} s "
-                              f"(is it running{', with TLS' if not tls else ''}?)") from None
+            hint = ("is it running, and does it serve TLS?" if args.tls or args.tls_ca
+                    else "is it running? a server started with --tls-cert needs --tls or --tls-ca here")
+            raise ClientError(f"cannot reach the server at {args.server} within {args.timeout:g} s ({hint})") from None
     return Connection(channel, pb_grpc.SimEncoderStub(channel), metadata)
 
 

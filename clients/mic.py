@@ -1,7 +1,8 @@
 """`python -m clients.mic --server HOST:PORT`: live microphone -> service, with a live terminal view.
 
 Records 16 kHz mono with sounddevice (PortAudio), sends every block as it arrives and shows the
-input level, a scrolling sparkline of the per-frame OOD score and the flagged stretches. Ctrl-C
+input level, a scrolling sparkline of the OOD score the flags are decided on (the per-frame score's
+mean over the model's window, a few hundred ms) and the flagged stretches. Ctrl-C
 (or --duration) stops: the stream is half-closed, the last frames arrive, and --save PREFIX
 writes PREFIX.wav (exactly the audio sent) and PREFIX.npz (arrays as clients.stream saves).
 """
@@ -63,6 +64,9 @@ def resolve_device(spec: str | None):
     return matches[0]
 
 
+DURATION_GRACE_S = 5.0  # with --duration, stop anyway this long after the duration if the device lags
+
+
 class MicSession:
     """Microphone capture, the gRPC stream and the state the view shows. Threads: PortAudio's
     callback (capture), gRPC's request thread (send), one receive thread; the caller renders."""
@@ -82,6 +86,7 @@ class MicSession:
         self._stop = threading.Event()
         self.recorded: list[np.ndarray] = []  # exactly what was sent
         self.samples_sent = 0
+        self.max_samples: int | None = None  # --duration: send exactly this many samples, then half-close
         self.last_db = -math.inf
         self.overflows = 0
         self.error: grpc.RpcError | None = None
@@ -104,6 +109,11 @@ class MicSession:
                 if self._stop.is_set():
                     return  # half-close: the server flushes the tail
                 continue
+            if self.max_samples is not None:
+                block = block[:max(0, self.max_samples - self.samples_sent)]
+                if block.size == 0:
+                    self._stop.set()
+                    return
             self.recorded.append(block)
             self.samples_sent += block.shape[0]
             self.last_db = dbfs(block)
@@ -135,12 +145,17 @@ class MicSession:
         except Exception as exc:  # PortAudioError and ValueError for bad devices/rates
             raise ClientError(f"cannot open the microphone: {exc}") from None
         receiver.start()
-        t_end = None if duration is None else time.monotonic() + duration
+        # --duration counts samples sent, not wall time (the device starts late and delivers in blocks);
+        # the wall-clock end is only a safety net for a device that delivers nothing
+        t_end = None if duration is None else time.monotonic() + duration + DURATION_GRACE_S
+        if duration is not None:
+            self.max_samples = int(round(duration * self.sample_rate))
         try:
             with stream:
                 if on_start is not None:
                     on_start(stream)
-                while not self._stop.is_set() and (t_end is None or time.monotonic() < t_end):
+                while not self._stop.is_set() and (t_end is None or time.monotonic() < t_end) and not (
+                        self.max_samples is not None and self.samples_sent >= self.max_samples):
                     time.sleep(render_every)
                     if render is not None:
                         render(self)
@@ -160,7 +175,7 @@ class MicSession:
         return np.concatenate(self.recorded) if self.recorded else np.zeros(0, np.float32)
 
     def scores(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The OOD scores and flags of the view level's last n frames."""
+        """The window scores (the flags' basis) and flags of the view level's last n frames."""
         with self.lock:
             return self.collector.recent(self.view_level, n)
 
@@ -175,11 +190,12 @@ class LiveView:
     """Redraws a few lines in place on a terminal; prints a line per second elsewhere."""
 
     def __init__(self, frame_seconds: float, out=sys.stdout, level: str = TIMELINE_LEVEL,
-                 threshold: float | None = None):
+                 threshold: float | None = None, window_seconds: float | None = None):
         self.out = out
         self.tty = out.isatty()
         self.level = level
         self.threshold = threshold  # the level's OOD threshold: the sparkline's midpoint
+        self.window_s = window_seconds  # the window the shown score averages over
         self.frame_s = frame_seconds  # of the level's frames
         self._drawn = 0
         self._last_plain = 0.0
@@ -207,8 +223,9 @@ class LiveView:
         marks = "".join("^" if f else " " for f in ood)
         recent = ", ".join(f"{a:.2f}-{b:.2f} s" for a, b in stretches[-4:]) or "none"
         scale = f"(0 .. {hi:.3g}, threshold {self.threshold:.3g})" if self.threshold else ""
+        label = f"mean over {self.window_s:.2g} s" if self.window_s else "per frame"
         lines = [head, f"OOD score  {spark}", f"flagged    {marks}",
-                 f"stretches  {recent}   {scale}   Ctrl-C to stop"]
+                 f"stretches  {recent}   score {label} {scale}   Ctrl-C to stop"]
         if self._drawn:
             self.out.write(f"\x1b[{self._drawn}F")
         for line in lines:
@@ -268,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     session = MicSession(conn, rate, device=device, block_samples=max(1, int(round(args.block_ms * rate / 1000))),
                          levels=[lv for lv in args.levels.split(",") if lv], return_logvar=args.logvar,
                          view_level=args.view_level)
-    view = LiveView(served.frame_seconds(args.view_level), level=args.view_level, threshold=view_level.threshold)
+    view = LiveView(served.frame_seconds(args.view_level), level=args.view_level, threshold=view_level.threshold,
+                    window_seconds=served.window_seconds(args.view_level))
 
     def started(stream) -> None:
         print(f"recording from {stream.device if device is not None else 'the default input'} at "

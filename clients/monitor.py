@@ -4,8 +4,10 @@ Streams one or more sources through the service (audio files, a directory where 
 arrive, the microphone), keeps a rolling out-of-distribution rate per source (the fraction of
 flagged frames of one level over the last --window seconds) and writes JSON-lines events:
 
-  {"event": "alert", "source", "level", "time" (s into the source), "rate", "frames", "wall"}
-      when the rolling rate reaches --alert-rate (once per crossing)
+  {"event": "alert", "source", "level", "time" (s into the source), "rate", "frames", "score", "wall"}
+      when the rolling rate reaches --alert-rate (once per crossing); "score" is the server's window
+      score of that frame (the mean per-frame OOD score over the model's window, which the server's
+      flag compares with the calibrated threshold; null from a server without windows)
   {"event": "clear", ...}       when it drops below again
   {"event": "end", "source", "seconds", "frames", "flagged", "max_rate", "alerts", "wall"}
   {"event": "error", "source", "message", "wall"}
@@ -183,15 +185,17 @@ class _Tracker:
             m.metrics.frames.inc(frames.count)
             if flagged:
                 m.metrics.flagged.inc(flagged)
-            for index, ood in zip(frames.index.tolist(), frames.ood.tolist()):
+            for k, (index, ood) in enumerate(zip(frames.index.tolist(), frames.ood.tolist())):
                 crossing = self.rolling.push(ood)
                 if crossing is None:
                     continue
                 if crossing == "alert":
                     self.alerts += 1
                     m.count_alert()
+                score = None if frames.window_score is None else float(frames.window_score[k])
                 m.events.emit(crossing, source=self.source, level=m.level, time=round((index + 1) * m.frame_s, 3),
-                              rate=round(self.rolling.rate, 4), frames=self.rolling.frames)
+                              rate=round(self.rolling.rate, 4), frames=self.rolling.frames,
+                              score=round(score, 4) if score is not None and score == score else score)
 
     def finish(self, seconds: float) -> None:
         self.m.metrics.sources.labels("ok").inc()

@@ -17,7 +17,8 @@ class Level:
     hop_samples: int  # samples per frame
     has_logvar: bool
     has_decoder: bool
-    threshold: float | None  # the OOD threshold; None when the model has no calibration for the level
+    threshold: float | None  # the OOD threshold on the window score; None when the level has no calibration
+    window_frames: int = 1  # frames of the rolling mean the flag is decided on
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class ServedModel:
     @classmethod
     def from_info(cls, info: pb.InfoResponse) -> ServedModel:
         levels = {lv.name: Level(lv.name, lv.dim, lv.hop_samples, lv.has_logvar, lv.has_decoder,
-                                 lv.calibration.threshold if lv.HasField("calibration") else None)
+                                 lv.calibration.threshold if lv.HasField("calibration") else None,
+                                 max(1, lv.calibration.window_frames))
                   for lv in info.levels}
         return cls(info.model, info.method, info.sample_rate, info.hop, info.lookahead, levels)
 
@@ -45,6 +47,10 @@ class ServedModel:
 
     def frame_seconds(self, level: str) -> float:
         return self.levels[level].hop_samples / self.sample_rate
+
+    def window_seconds(self, level: str) -> float:
+        """Audio the flag of a frame of this level averages over."""
+        return self.levels[level].window_frames * self.frame_seconds(level)
 
 
 def fetch(conn: Connection, timeout: float = 10.0) -> ServedModel:

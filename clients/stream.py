@@ -3,6 +3,11 @@
 Saves the same arrays as `python -m train.encode` (m1 m2 m3 ar, kl_m1 kl_m2 kl_m3) plus the OOD
 results (see clients.collector for every name), and prints an OOD timeline summary. The file is
 converted to mono at the served model's sample rate (from the Info RPC).
+
+The .npz is written while the frames arrive (clients.npz_stream), so memory stays small for long
+files; --levels and --dtype float16 make it smaller (it says the expected size first). If the
+server ends the stream with an error, the frames received before it are still saved, the error is
+printed and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -14,34 +19,53 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from clients.audio import AudioFileError, read_audio, resample
+from clients.audio import AudioFileError, read_audio, resample, truncation
 from clients.collector import TIMELINE_LEVEL, FrameCollector, flagged_stretches
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
+from clients.npz_stream import NpzStream
 from clients.requests import file_requests
 from clients.served_model import ServedModel, fetch
 from clients.view import ood_timeline
 from protos.sim.v2 import sim_pb2 as pb
 
 
-def encode_file(conn, audio: np.ndarray, sample_rate: int, *, chunk_samples: int = 1600, realtime: bool = False,
-                levels=(), return_logvar: bool = False, encoding: int = pb.FLOAT32,
-                timeline_level: str = TIMELINE_LEVEL, progress=None) -> dict[str, np.ndarray]:
-    """Stream one waveform (at the served sample_rate); the collected arrays. Raises grpc.RpcError
-    when the server ends the call."""
-    collector = FrameCollector(timeline_level)
+def stream_into(collector: FrameCollector, conn, audio: np.ndarray, sample_rate: int, *, chunk_samples: int = 1600,
+                realtime: bool = False, levels=(), return_logvar: bool = False, encoding: int = pb.FLOAT32,
+                progress=None) -> None:
+    """Stream one waveform (at the served sample_rate) into collector. Raises grpc.RpcError when
+    the server ends the call (the collector keeps what arrived before)."""
     requests = file_requests(audio, sample_rate, chunk_samples, realtime=realtime, levels=levels,
                              return_logvar=return_logvar, encoding=encoding)
     for resp in conn.stub.StreamEncode(requests, metadata=conn.metadata):
         collector.add(resp)
         if progress is not None:
             progress(collector)
+
+
+def encode_file(conn, audio: np.ndarray, sample_rate: int, *, timeline_level: str = TIMELINE_LEVEL,
+                **options) -> dict[str, np.ndarray]:
+    """Stream one waveform; the collected arrays (in memory). Options as stream_into's."""
+    collector = FrameCollector(timeline_level)
+    stream_into(collector, conn, audio, sample_rate, **options)
     return collector.arrays()
 
 
-def summary(name: str, arrays: dict[str, np.ndarray], n_samples: int, level: str, served: ServedModel,
+def expected_bytes(served: ServedModel, n_samples: int, levels, return_logvar: bool, itemsize: int) -> int:
+    """About how large the saved arrays of n_samples of audio will be."""
+    total = 0
+    for name in levels or served.levels:
+        lv = served.levels[name]
+        frames = n_samples // lv.hop_samples + 1
+        per_frame = lv.dim * (2 if return_logvar and lv.has_logvar else 1) + 5 + (1 if lv.has_logvar else 0)
+        total += frames * (per_frame * itemsize + 1)  # + the uint8 flag
+    return total
+
+
+def summary(name: str, collector: FrameCollector, n_samples: int, level: str, served: ServedModel,
             width: int = 100) -> str:
+    arrays = collector.arrays()
     lines = [f"{name}: {n_samples / served.sample_rate:.2f} s; frames " +
-             ", ".join(f"{lv} {arrays[lv].shape[0]}" for lv in served.levels if lv in arrays)]
+             ", ".join(f"{lv} {collector.count(lv)}" for lv in served.levels if lv in collector.levels)]
     if f"ood_{level}" not in arrays:
         return "\n".join(lines)
     ood = arrays[f"ood_{level}"]
@@ -72,7 +96,9 @@ def progress_bar(total: int):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m clients.stream", description=__doc__.split("\n\n")[0])
     ap.add_argument("audio", help="audio file (wav, flac, ...); other rates and stereo are converted")
-    ap.add_argument("--out", required=True, help="output .npz")
+    ap.add_argument("--out", required=True, help="output .npz (written as the frames arrive)")
+    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                    help="precision of the saved latents and scores (default %(default)s; float16 halves the file)")
     ap.add_argument("--chunk-samples", type=int, default=1600, help="samples per message (default %(default)s)")
     ap.add_argument("--realtime", action="store_true", help="send at the pace of a live recording")
     ap.add_argument("--levels", default="", help="comma-separated levels to return (default: all of the model's)")
@@ -92,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         audio, rate = read_audio(args.audio)
+        problem = truncation(args.audio)
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
         conn = connect(args)
     except (AudioFileError, ClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -104,30 +133,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     audio = resample(audio, rate, served.sample_rate)
     levels = [lv for lv in args.levels.split(",") if lv]
+    try:
+        for lv in levels:
+            served.level(lv, "--levels")
+    except ClientError as exc:
+        conn.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     encoding = pb.LINEAR16 if args.encoding == "linear16" else pb.FLOAT32
+    out = Path(args.out)
+    size = expected_bytes(served, len(audio), levels, args.logvar, np.dtype(args.dtype).itemsize)
+    print(f"streaming {len(audio) / served.sample_rate:.1f} s; writing about {size / 1e6:.1f} MB to {out} "
+          f"({args.dtype}; --levels and --dtype float16 make it smaller)", file=sys.stderr)
+    timeline_level = args.timeline_level if not levels or args.timeline_level in levels else next(
+        lv for lv in reversed(list(served.levels)) if lv in levels)
+    sink = NpzStream(out, args.dtype)
+    collector = FrameCollector(timeline_level, sink=sink)
     total = max(1, int(np.ceil(len(audio) / served.hop)))
     top = [lv for lv, spec in served.levels.items() if spec.hop_samples == served.hop]  # frames of a hop
-    with progress_bar(total) as bar:
-        def progress(col: FrameCollector) -> None:
-            if bar is not None:
-                bar.update(max((col.count(lv) for lv in top), default=0) - bar.n)
+    error = None
+    try:
+        with progress_bar(total) as bar:
+            def progress(col: FrameCollector) -> None:
+                if bar is not None:
+                    bar.update(max((col.count(lv) for lv in top), default=0) - bar.n)
 
-        try:
-            arrays = encode_file(conn, audio, served.sample_rate, chunk_samples=args.chunk_samples,
-                                 realtime=args.realtime, levels=levels, return_logvar=args.logvar, encoding=encoding,
-                                 timeline_level=args.timeline_level, progress=progress)
-        except grpc.RpcError as exc:
-            print(f"error: the server ended the stream: {describe_rpc_error(exc)}", file=sys.stderr)
-            return 1
-        finally:
-            conn.close()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
-    level = args.timeline_level if f"ood_{args.timeline_level}" in arrays else next(
-        (lv for lv in reversed(list(served.levels)) if f"ood_{lv}" in arrays), args.timeline_level)
-    print(summary(args.audio, arrays, len(audio), level, served))
-    print(f"saved {out}")
+            stream_into(collector, conn, audio, served.sample_rate, chunk_samples=args.chunk_samples,
+                        realtime=args.realtime, levels=levels, return_logvar=args.logvar, encoding=encoding,
+                        progress=progress)
+    except grpc.RpcError as exc:
+        error = exc
+    except BaseException:
+        sink.discard()
+        raise
+    finally:
+        conn.close()
+    timeline = collector.arrays()
+    sink.close({k: timeline[k] for k in ("p_value", "ood") if k in timeline})
+    print(summary(args.audio, collector, len(audio), timeline_level, served))
+    saved = f"{out} ({out.stat().st_size / 1e6:.1f} MB)"
+    if error is not None:
+        done = max((collector.count(lv) * served.levels[lv].hop_samples for lv in collector.levels), default=0)
+        print(f"error: the server ended the stream: {describe_rpc_error(error)}\nthe stream was cut short: "
+              f"saved the frames of the first {done / served.sample_rate:.2f} s of "
+              f"{len(audio) / served.sample_rate:.2f} s to {saved}", file=sys.stderr)
+        return 1
+    print(f"saved {saved}")
     return 0
 
 

@@ -3,13 +3,16 @@
 Per level:
 - a Gaussian (mean, Ledoit-Wolf shrunk covariance) fitted on the frames of half of the reference
   clips; its whitening matrix is baked into the graphs as the `maha` score;
-- reference scores on the frames of the OTHER half (so the Gaussian is not scored on its own
-  fitting data): `maha` for every level, `kl` (to N(0, I)) for SIM's conv levels;
-- the threshold at false-positive rate fpr: the (1 - fpr) quantile of the reference scores;
-  p-values come from serve.scoring.p_value over the stored sorted reference.
+- reference scores on the clips of the OTHER half (so the Gaussian is not scored on its own
+  fitting data): the per-frame score the flag is built on (SCORE), and its rolling mean over the
+  level's window (serve.scoring.rolling_mean, clip by clip from each clip's start, as a stream);
+- the threshold at false-positive rate fpr: the (1 - fpr) quantile of the reference WINDOW scores;
+  p-values come from serve.scoring.p_value over the stored sorted reference window scores.
+  The per-frame statistics (and those of the other score) are kept for the record.
 
-The primary score of a level is "kl" for SIM's conv levels (the posterior's distance to the prior,
-docs/method.md) and "maha" for everything else (GIM and CPC have no trained variance; the GRU has none).
+The flag is built on `maha` for every level and method: on a trained SIM model the Mahalanobis
+distance of the posterior means separates noise, tones and time-reversed words from held-out words
+where the posterior's KL to the prior barely does (measured: docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from serve.scoring import rolling_mean
+
+SCORE = "maha"  # the per-frame score OOD flags are built on (see the module docstring)
+WINDOW_SECONDS = 0.3  # default length of the rolling mean the flag is decided on
 MAX_STORED = 4096  # reference scores kept in the manifest per level and score
 MAX_FIT_FRAMES = 60_000  # frames used to fit a Gaussian (m1 has 8 frames per 10 ms)
 # Smallest covariance eigenvalue kept, relative to the largest: bounds the whitening's gain (and
@@ -66,15 +73,16 @@ def mahalanobis(frames: np.ndarray, mean: np.ndarray, whitening: np.ndarray) -> 
     return np.sum(y * y, axis=1)
 
 
-def score_stats(scores: np.ndarray, fpr: float) -> dict:
-    """Threshold at fpr and a sorted reference of at most MAX_STORED scores (evenly spaced order statistics)."""
+def score_stats(scores: np.ndarray, fpr: float, reference: bool = True) -> dict:
+    """Threshold at fpr and (reference=True) a sorted reference of at most MAX_STORED scores (evenly
+    spaced order statistics)."""
     s = np.sort(np.asarray(scores, np.float64))
     if s.size == 0:
         raise ValueError("no reference scores")
     stored = s if s.size <= MAX_STORED else s[np.round(np.linspace(0, s.size - 1, MAX_STORED)).astype(int)]
     return {
         "n_ref": int(s.size),
-        "reference": [float(f"{v:.8g}") for v in stored],
+        **({"reference": [float(f"{v:.8g}") for v in stored]} if reference else {}),
         "threshold": float(np.quantile(s, 1.0 - fpr)),
         "mean": float(s.mean()),
         "std": float(s.std()),
@@ -88,9 +96,24 @@ def split_halves(n: int) -> tuple[list[int], list[int]]:
     return idx[0::2], idx[1::2]
 
 
+def window_frames(seconds: float, level_hops: dict[str, int], sample_rate: int) -> dict[str, int]:
+    """Frames per window at each level's own rate (at least 1)."""
+    return {level: max(1, int(round(seconds * sample_rate / hop))) for level, hop in level_hops.items()}
+
+
+def level_reference(per_clip_scores: list[np.ndarray], window: int, fpr: float) -> dict:
+    """The calibration entry of one level from its per-frame scores on the reference clips: the
+    window-score statistics (threshold, reference) and the per-frame ones under "frame"."""
+    windows = np.concatenate([rolling_mean(s, window) for s in per_clip_scores])
+    frames = np.concatenate(per_clip_scores)
+    return {**score_stats(windows, fpr), "window_frames": int(window), "frame": score_stats(frames, fpr, False)}
+
+
 def calibrate(levels_per_clip: Iterable[dict[str, np.ndarray]], levels: tuple[str, ...], variational: bool,
-              fpr: float, seed: int = 0) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
-    """Fit and score. levels_per_clip: per clip, export.offline.offline_levels output (mu_L, kl_L).
+              fpr: float, windows: dict[str, int], seed: int = 0
+              ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """Fit and score. levels_per_clip: per clip, export.offline.offline_levels output (mu_L, kl_L);
+    windows: frames of the rolling mean per level (window_frames).
 
     Returns (gaussians {level: (mean, whitening)}, the manifest's "calibration" dict)."""
     clips = list(levels_per_clip)
@@ -105,12 +128,16 @@ def calibrate(levels_per_clip: Iterable[dict[str, np.ndarray]], levels: tuple[st
             fit = fit[np.sort(rng.choice(fit.shape[0], MAX_FIT_FRAMES, replace=False))]
         mean, whitening, info = fit_gaussian(fit)
         gaussians[level] = (mean, whitening)
-        held = np.concatenate([clips[i][f"mu_{level}"] for i in score_idx], axis=0)
-        stats = {"maha": score_stats(mahalanobis(held, mean, whitening), fpr)}
+        scores = {"maha": [mahalanobis(clips[i][f"mu_{level}"], mean, whitening) for i in score_idx]}
         if variational and level != "ar":
-            stats["kl"] = score_stats(np.concatenate([clips[i][f"kl_{level}"] for i in score_idx]), fpr)
-        primary = "kl" if "kl" in stats else "maha"
-        other = {name: st for name, st in stats.items() if name != primary}
-        result[level] = {"score": primary, **stats[primary], "other": other, "gaussian": info,
+            scores["kl"] = [clips[i][f"kl_{level}"] for i in score_idx]
+        result[level] = {**reference_entry(scores, windows[level], fpr), "gaussian": info,
                          "n_clips_fit": len(fit_idx), "n_clips_ref": len(score_idx)}
     return gaussians, {"fpr": fpr, "levels": result}
+
+
+def reference_entry(scores: dict[str, list[np.ndarray]], window: int, fpr: float) -> dict:
+    """One level's calibration from its per-frame scores per reference clip ({"maha": [...], "kl": [...]}):
+    SCORE's window statistics, the others' under "other"."""
+    return {"score": SCORE, **level_reference(scores[SCORE], window, fpr),
+            "other": {name: level_reference(s, window, fpr) for name, s in scores.items() if name != SCORE}}

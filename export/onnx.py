@@ -37,7 +37,17 @@ from export.verify import (
 from serve.model_dir import FORMAT, MANIFEST, sha256_file
 from serve.onnx_sessions import providers
 from serve.runtime import StreamingModel
-from train.audio import HOP, LEFT_REACH, LOOKAHEAD, RECEPTIVE_FIELD, SAMPLE_RATE, AudioError, level_hops, load_audio
+from train.audio import (
+    CROP_SAMPLES,
+    HOP,
+    LEFT_REACH,
+    LOOKAHEAD,
+    RECEPTIVE_FIELD,
+    SAMPLE_RATE,
+    AudioError,
+    level_hops,
+    load_audio,
+)
 from train.checkpoint import CheckpointError, code_version, load_encoder
 from train.cli import int_at_least
 from train.model import Encoder, fold_batch_norm
@@ -67,6 +77,12 @@ def geometry(dims) -> dict:
             "state": state_spec(dims.channels, dims.hidden)}
 
 
+def reference_indices(n_utterances: int, n_clips: int, seed: int) -> list[int]:
+    """Which utterances of the test split the calibration uses (the benchmarks leave them out)."""
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_utterances, size=min(n_clips, n_utterances), replace=False))
+
+
 def load_reference_audio(corpus_dir: str | None, n_clips: int, seed: int) -> list[np.ndarray]:
     """n_clips utterances of the corpus's held-out "test" split (words the encoder never trained on)."""
     from train.corpus import CorpusError, find_corpus, load_corpus
@@ -78,15 +94,52 @@ def load_reference_audio(corpus_dir: str | None, n_clips: int, seed: int) -> lis
         raise ExportError(str(exc)) from None
     if len(utts) < 2:
         raise ExportError(f"{root}: the test split has {len(utts)} utterances; calibration needs at least 2")
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(utts), size=min(n_clips, len(utts)), replace=False))
+    return _read_clips([u.path for u in utts], n_clips, seed)
+
+
+def held_out_folder_audio(data_dir: str, n_clips: int, seed: int, crop: int) -> list[np.ndarray]:
+    """n_clips files of the tenth of an audio folder that `python -m train.sim --data DIR` held out
+    for validation (the first tenth of its sorted usable files; the encoder never trained on them)."""
+    from train.data import DataError, scan_audio_dir
+
+    try:
+        files = scan_audio_dir(data_dir, min_samples=crop)
+    except DataError as exc:
+        raise ExportError(str(exc)) from None
+    held = files[:max(1, len(files) // 10)] if len(files) > 1 else []
+    if len(held) < 2:
+        raise ExportError(f"--data {data_dir}: its held-out tenth has {len(held)} files; calibration needs at "
+                          "least 2 (the folder needs 20 or more usable files)")
+    return _read_clips(held, n_clips, seed)
+
+
+def _read_clips(paths: list, n_clips: int, seed: int) -> list[np.ndarray]:
     audio = []
-    for i in tqdm(chosen, desc="reading reference audio", unit="clip", file=sys.stderr, leave=False):
+    for i in tqdm(reference_indices(len(paths), n_clips, seed), desc="reading reference audio", unit="clip",
+                  file=sys.stderr, leave=False):
         try:
-            audio.append(load_audio(utts[i].path))
+            audio.append(load_audio(paths[i]))
         except AudioError as exc:
             raise ExportError(str(exc)) from None
     return audio
+
+
+def load_check_audio(directory: str, max_seconds: float = 10.0) -> list[np.ndarray]:
+    """The audio files of a directory (any rate, mono mix), at most max_seconds each, for the int8 check."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ExportError(f"--int8-check {d}: no such directory")
+    clips = []
+    for path in sorted(p for p in d.iterdir() if p.suffix.lower() in (".wav", ".flac", ".ogg")):
+        try:
+            audio = load_audio(path, allow_resample=True, mixdown=True)
+        except AudioError as exc:
+            log(f"warning: --int8-check: skipping {exc}")
+            continue
+        clips.append(audio[:int(max_seconds * SAMPLE_RATE)])
+    if not clips:
+        raise ExportError(f"--int8-check {d}: no readable .wav, .flac or .ogg files")
+    return clips
 
 
 def load_decoders(directory: str, encoder: Encoder) -> dict[str, torch.nn.Module]:
@@ -167,7 +220,14 @@ def run_export(args: argparse.Namespace) -> dict:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
     log(f"exporting {args.checkpoint} ({dims.method}, {dims.channels} channels, GRU {dims.hidden}) to {out}")
-    reference = load_reference_audio(args.corpus, args.calibration_clips, args.seed)
+    config = dict(ckpt.get("config") or {})
+    data = args.data or (config.get("data") if config.get("data") not in (None, "corpus") else None)
+    if data:
+        log(f"calibrating on the held-out tenth of {data} (the audio the model was trained on)")
+        reference = held_out_folder_audio(data, args.calibration_clips, args.seed,
+                                          int(config.get("crop") or CROP_SAMPLES))
+    else:
+        reference = load_reference_audio(args.corpus, args.calibration_clips, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (out / MANIFEST, out / (MANIFEST + ".failed")):
         if stale.exists():
@@ -176,10 +236,13 @@ def run_export(args: argparse.Namespace) -> dict:
     # 1. calibration on held-out corpus audio
     per_clip = [offline_levels(encoder, a) for a in tqdm(reference, desc="encoding reference audio",
                                                           unit="clip", file=sys.stderr)]
-    gaussians, calib = calibration.calibrate(per_clip, dims.levels, dims.variational, args.fpr, seed=args.seed)
+    windows = calibration.window_frames(args.ood_window, level_hops(), SAMPLE_RATE)
+    gaussians, calib = calibration.calibrate(per_clip, dims.levels, dims.variational, args.fpr,
+                                             {lv: windows[lv] for lv in dims.levels}, seed=args.seed)
+    calib["window_seconds"] = args.ood_window
     for level, c in calib["levels"].items():
-        log(f"  calibration {level}: score {c['score']}, {c['n_ref']} reference frames, "
-            f"threshold at fpr {args.fpr:g} = {c['threshold']:.4g}")
+        log(f"  calibration {level}: mean {c['score']} over {c['window_frames']} frames, {c['n_ref']} reference "
+            f"windows, threshold at fpr {args.fpr:g} = {c['threshold']:.4g}")
 
     # 2. graphs
     geo = geometry(dims)
@@ -189,7 +252,6 @@ def run_export(args: argparse.Namespace) -> dict:
     for name in files:
         files[name]["sha256"] = sha256_file(out / name)
 
-    config = dict(ckpt.get("config") or {})
     manifest = {
         "format": FORMAT, "method": dims.method, "beta": config.get("beta"), "variational": dims.variational,
         "dims": dims.to_dict(), "config": config, "checkpoint": str(Path(args.checkpoint).resolve()),
@@ -198,7 +260,8 @@ def run_export(args: argparse.Namespace) -> dict:
         "code_version": code_version(), "geometry": geo, "levels": list(dims.levels),
         "level_dims": level_dims_of(encoder), "files": files, "calibration": calib,
         "export": {"fpr": args.fpr, "calibration_clips": len(reference), "seed": args.seed,
-                   "corpus": str(args.corpus) if args.corpus else "default", "providers": providers()},
+                   "corpus": str(args.corpus) if args.corpus else "default", "data": data,
+                   "providers": providers()},
     }
     write_manifest(out, manifest)
 
@@ -224,20 +287,26 @@ def make_int8(out: Path, manifest: dict, encoder: Encoder, reference: list[np.nd
     manifest. If the int8 step is not accurate enough the fp32 export stays as it was."""
     from export import quantize
 
-    log("quantizing the streaming step to int8 (static scales from the reference clips)")
+    log("quantizing the streaming step to int8 (static scales from the reference clips, noise and tones"
+        + (f" and {args.int8_check}" if args.int8_check else "") + ")")
+    extra = {}
+    if args.int8_check:
+        extra[f"recordings in {args.int8_check}"] = load_check_audio(args.int8_check)
     try:
-        entry, calib = quantize.quantize_export(out, encoder, reference, manifest["calibration"], args.fpr, args.seed)
+        entry, calib = quantize.quantize_export(out, encoder, reference, manifest["calibration"], args.fpr, args.seed,
+                                                quantize.check_signals(extra, seed=args.seed))
     except RuntimeError as exc:
         raise Int8Error(f"{exc}\n{out} still holds the verified fp32 export") from None
-    for level, acc in entry["accuracy"].items():
-        log(f"  {level}: int8 vs fp32 relative RMS error {acc['rel_rms_err']:.3g}, "
-            f"lowest frame cosine {acc['min_cosine']:.4f}")
+    for name, by_level in entry["accuracy_by_signal"].items():
+        log(f"  {name}: int8 vs fp32 relative RMS error " + ", ".join(
+            f"{level} {acc['rel_rms_err']:.3g}" for level, acc in by_level.items()))
     files = manifest["files"]
     files[quantize.STEP_FP32] = {"role": "step-fp32"}
     for name in (quantize.STEP, quantize.STEP_FP32):
         files[name]["sha256"] = sha256_file(out / name)
+    # the fp32 step's calibration is kept for comparison: int8 scores are not fp32 scores (docs/streaming.md)
     manifest.update(precision={"step": "int8", "flush": "fp32", "offline": "fp32"}, quantization=entry,
-                    calibration=calib)
+                    calibration=calib, calibration_fp32=manifest["calibration"])
     write_manifest(out, manifest)
     return manifest
 
@@ -284,25 +353,47 @@ def false_positive_rate(text: str) -> float:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not value > 0.0 or not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
         epilog="Reference audio for the OOD calibration is the default corpus's held-out test split "
-               "(built on first use); see docs/streaming.md for the streaming graphs.")
+               "(built on first use), or the held-out tenth of the audio folder the model was trained on "
+               "(--data); see docs/streaming.md for the streaming graphs and the calibration.")
     p.add_argument("checkpoint", help="checkpoint.pt written by python -m train.sim")
     p.add_argument("--out", required=True, help="output directory (created; files in it are replaced)")
     p.add_argument("--decoders", metavar="DIR", help="directory of decoder_<level>.pt from python -m train.decoder")
     p.add_argument("--fpr", type=false_positive_rate, default=0.01,
-                   help="false-positive rate of the OOD thresholds on in-distribution frames (default 0.01)")
+                   help="false-positive rate of the OOD thresholds on windows of held-out words (default 0.01)")
+    p.add_argument("--ood-window", type=positive_seconds, default=calibration.WINDOW_SECONDS, metavar="SECONDS",
+                   help="OOD flags are decided on the mean per-frame score over this much audio, calibrated on "
+                        "windows of held-out words (default %(default)s s; docs/reliability.md)")
     p.add_argument("--calibration-clips", type=int_at_least(2), default=400, metavar="N",
                    help="held-out corpus utterances used for calibration, half to fit, half to score (default 400)")
     p.add_argument("--corpus", metavar="DIR", help="corpus directory (default: the default corpus cache)")
+    p.add_argument("--data", metavar="DIR",
+                   help="calibrate on the held-out tenth of this audio folder instead of the corpus (default: the "
+                        "folder the checkpoint was trained on with train.sim --data, if any)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing clips and random test audio")
     p.add_argument("--skip-verify", action="store_true", help="write the files without verifying them")
     p.add_argument("--int8", action="store_true",
                    help="also quantize the streaming step to int8 for CPU serving (~2x faster on AVX512-VNNI; "
                         "latents within a few %% of fp32, measured and recorded in the manifest; refused above "
-                        "5 %%; the fp32 step is kept as step.fp32.onnx)")
+                        "5 %% on the calibration words, noise, tones or --int8-check; the fp32 step is kept as "
+                        "step.fp32.onnx)")
+    p.add_argument("--int8-check", metavar="DIR",
+                   help="with --int8: also calibrate and check the int8 step on the audio files in DIR (e.g. real "
+                        "recordings like those the model will serve; at most 10 s of each)")
     return p
 
 

@@ -16,8 +16,11 @@ every frame (the measurements, and what else was tried: docs/benchmarks.md).
 
 The int8 model is an approximation of the fp32 one, so the export measures it instead of
 asserting equality: per level, the relative RMS error and the lowest per-frame cosine similarity
-of the int8 latents against the fp32 streaming latents on the calibration clips, written to the
-manifest's "quantization" entry; an export whose error exceeds MAX_REL_RMS fails. The OOD
+of the int8 latents against the fp32 streaming latents, on the calibration words AND on audio
+unlike them (check_signals: white noise at several levels, pure tones, and any recordings given
+with --int8-check, e.g. real speech), written to the manifest's "quantization" entry per signal;
+an export whose error on any of them exceeds MAX_REL_RMS fails. The activation scales are taken
+over the same wider mix, so audio unlike the words does not fall outside them. The OOD
 reference scores (p-values, thresholds) are then re-measured with the int8 step, so the
 calibrated false-positive rate holds for what the server computes.
 """
@@ -39,6 +42,7 @@ from serve.runtime import StreamingModel
 STEP, STEP_FP32 = "step.onnx", "step.fp32.onnx"
 MAX_REL_RMS = 0.05  # int8 latents further than this from fp32 (relative RMS, any level) fail the export
 CALIB_PERCENTILE = 99.99  # activation range: this percentile of |x| on the calibration feeds
+MIX_SHARE = 0.25  # audio other than the words in the activation-scale calibration, relative to the words
 MIN_GEMM_INPUTS = 64  # Gemms with fewer inputs per row (the first conv: 10 samples) stay fp32
 _CONV_GEMM = re.compile(r"^/Gemm(_\d+)?$")  # conv layers and heads
 _SCORER = re.compile(r"^/(m\d+|ar)/Gemm$")  # the Mahalanobis scorers
@@ -171,39 +175,79 @@ def accuracy(fp32: list[dict], int8: list[dict], levels: list[str]) -> dict:
 
 def recalibrate(calib: dict, int8: list[dict], levels: list[str], fpr: float) -> dict:
     """The calibration's reference scores and thresholds re-measured on the int8 step's outputs
-    (same scoring half of the clips as export.calibration; the baked Gaussians are unchanged)."""
+    (same scoring half of the clips and windows as export.calibration; the baked Gaussians are unchanged)."""
     _, score_idx = calibration.split_halves(len(int8))
-    new = {"fpr": calib["fpr"], "levels": {}, "measured_with": "int8 step"}
+    new = {**calib, "levels": {}, "measured_with": "int8 step"}
     for level in levels:
         old = calib["levels"][level]
-        stats = {"maha": calibration.score_stats(np.concatenate([int8[i][f"maha_{level}"] for i in score_idx]), fpr)}
-        if f"kl_{level}" in int8[0]:
-            stats["kl"] = calibration.score_stats(np.concatenate([int8[i][f"kl_{level}"] for i in score_idx]), fpr)
-        primary = old["score"]
-        new["levels"][level] = {**old, "score": primary, **stats[primary],
-                                "other": {k: v for k, v in stats.items() if k != primary}}
+        scores = {kind: [int8[i][f"{kind}_{level}"] for i in score_idx]
+                  for kind in ("maha", "kl") if f"{kind}_{level}" in int8[0]}
+        new["levels"][level] = {**old, **calibration.reference_entry(scores, old["window_frames"], fpr)}
     return new
 
 
+def check_signals(extra: dict[str, list[np.ndarray]] | None = None, per_kind: int = 6, seed: int = 0
+                  ) -> dict[str, list[np.ndarray]]:
+    """Audio unlike the calibration words the int8 step is calibrated and checked on: white noise at
+    each level of export.ood_signals.NOISE_LEVELS, pure tones, and `extra` (name: clips)."""
+    from export.ood_signals import NOISE_LEVELS, white_noise
+    from train.ood import synthetic_signals
+
+    out = {"white noise": [c for i, rms in enumerate(NOISE_LEVELS) for c in white_noise(rms, 2, seed + i)],
+           "pure tones": synthetic_signals(per_kind, seed)["pure tone"]}
+    out.update(extra or {})
+    return out
+
+
+def calibration_mix(words: list[np.ndarray], check: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
+    """The words and, taken in turn from every check signal, other clips of at most MIX_SHARE of the
+    words' samples: the activation scales cover audio unlike the words while the words keep their
+    resolution."""
+    budget = MIX_SHARE * sum(w.size for w in words)
+    queues = [list(clips) for clips in check.values()]
+    mix, used = list(words), 0
+    while any(queues):
+        for q in queues:
+            if q:
+                clip = q.pop(0)
+                if used + clip.size <= budget:
+                    mix.append(clip)
+                    used += clip.size
+    return mix
+
+
+def encode_hops(model: StreamingModel, audios: list[np.ndarray]) -> list[dict]:
+    """The clips streamed one hop per chunk, as a live stream."""
+    return encode_streams(model, audios, [[model.hop]] * len(audios))
+
+
 def quantize_export(model_dir: Path, encoder, audios: list[np.ndarray], calib: dict, fpr: float,
-                    seed: int) -> tuple[dict, dict]:
-    """Quantize the step, measure it against the fp32 step, re-calibrate.
-    Returns (quantization entry, calibration). On failure the fp32 step is put back."""
+                    seed: int, check: dict[str, list[np.ndarray]] | None = None) -> tuple[dict, dict]:
+    """Quantize the step, measure it against the fp32 step on the calibration words and on `check`
+    (name: clips, check_signals()), re-calibrate. Returns (quantization entry, calibration). On
+    failure the fp32 step is put back."""
+    check = check_signals() if check is None else check
     fp32_model = StreamingModel(model_dir, verify=False)
-    fp32 = encode_streams(fp32_model, audios, [[fp32_model.hop]] * len(audios))
+    signals = {"calibration words": audios, **check}
+    fp32 = {name: encode_hops(fp32_model, clips) for name, clips in signals.items()}
     try:
         convs, rows, two_part = quantization_targets(model_dir / STEP, conv_inputs(encoder), encoder.dims.channels)
-        entry = quantize_step(model_dir, audios, convs, rows, two_part, seed)
+        entry = quantize_step(model_dir, calibration_mix(audios, check), convs, rows, two_part, seed)
         int8_model = StreamingModel(model_dir, verify=False)
-        int8 = encode_streams(int8_model, audios, [[int8_model.hop]] * len(audios))
-        entry["accuracy"] = accuracy(fp32, int8, int8_model.levels)
-        worst = max(v["rel_rms_err"] for v in entry["accuracy"].values())
+        int8 = {name: encode_hops(int8_model, clips) for name, clips in signals.items()}
+        by_signal = {name: accuracy(fp32[name], int8[name], int8_model.levels) for name in signals}
+        entry["accuracy"] = by_signal["calibration words"]
+        entry["accuracy_by_signal"] = by_signal
         entry["max_rel_rms_err"] = MAX_REL_RMS
-        if worst > MAX_REL_RMS:
-            raise RuntimeError(f"the int8 step is too far from fp32: relative RMS error {worst:.3g} > {MAX_REL_RMS} "
-                               f"({ {k: round(v['rel_rms_err'], 4) for k, v in entry['accuracy'].items()} })")
+        worst = {name: max(v["rel_rms_err"] for v in acc.values()) for name, acc in by_signal.items()}
+        bad = {name: round(err, 4) for name, err in worst.items() if err > MAX_REL_RMS}
+        if bad:
+            raise RuntimeError(f"the int8 step is too far from fp32: relative RMS error above {MAX_REL_RMS} on "
+                               + ", ".join(f"{name} ({err:.3g})" for name, err in bad.items())
+                               + f"; per level on the calibration words: "
+                               f"{ {k: round(v['rel_rms_err'], 4) for k, v in entry['accuracy'].items()} }")
     except BaseException:
         if (model_dir / STEP_FP32).is_file():
             (model_dir / STEP_FP32).replace(model_dir / STEP)
         raise
-    return entry, recalibrate(calib, int8, int8_model.levels, fpr)
+    return entry, recalibrate(calib, int8["calibration words"], int8_model.levels, fpr)

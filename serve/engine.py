@@ -25,7 +25,7 @@ from grpc import StatusCode
 from serve.audio_codec import decode_audio
 from serve.errors import StreamError
 from serve.responses import ResponseBuilder
-from serve.scoring import ScoredFrames
+from serve.scoring import ScoredFrames, WindowHistory
 
 log = logging.getLogger("serve.engine")
 CATCH_UP_HOPS = 3  # a stream this many hops behind steps all of them (up to max_hops) at once
@@ -65,12 +65,12 @@ class TickReply:
     decoded: int  # samples decoded from this tick's audio
     scored: dict[str, list[ScoredFrames]]  # for the frame metrics
     more: bool  # a stream still has audio to step: tick again even if nothing new arrives
-    unbuilt: list | None = None  # (frames, levels, return_logvar) per result while its response is not built
+    unbuilt: list | None = None  # serve.responses.Request per result while its response is not built
 
 
 class _Stream:
     __slots__ = ("runtime", "levels", "return_logvar", "encoding", "decoded", "pending", "input_closed",
-                 "finished_told")
+                 "finished_told", "history")
 
     def __init__(self, runtime, levels: tuple[str, ...], return_logvar: bool, encoding: int):
         self.runtime = runtime
@@ -79,6 +79,7 @@ class _Stream:
         self.pending: list[np.ndarray] = []  # decoded samples not handed to the runtime stream yet
         self.input_closed = False
         self.finished_told = False  # runtime stream told input_finished()
+        self.history = WindowHistory()  # the last OOD scores, for the window of its next frames
 
     def ready_samples(self) -> int:
         """Samples received and not stepped yet."""
@@ -127,6 +128,12 @@ class Engine:
                 self.streams[sid].input_closed = True
 
         held = set(req.held)
+        # a stream closed without a single sample ends with no frames (a flush would return frames
+        # made of padding alone)
+        empty = [(sid, st) for sid, st in self.streams.items()
+                 if st.input_closed and st.decoded == 0 and not st.finished_told and sid not in held]
+        for sid, _ in empty:
+            self._drop(sid)
         batch = self._feed([(sid, st) for sid, st in self.streams.items() if sid not in held])
         t0 = time.perf_counter()
         try:
@@ -138,11 +145,12 @@ class Engine:
                 self._drop(sid)
             batch = []
         elapsed = time.perf_counter() - t0
-        results, unbuilt = [], []
+        results = [(sid, None, True, 0) for sid, _ in empty]
+        unbuilt = [({}, st.levels, st.return_logvar, st.history) for _, st in empty]
         for sid, st in batch:
             rt = st.runtime
             results.append((sid, None, rt.flushed, rt.samples_received - rt.buffered_samples))
-            unbuilt.append((rt.pop_frames(), st.levels, st.return_logvar))
+            unbuilt.append((rt.pop_frames(), st.levels, st.return_logvar, st.history))
             if rt.flushed:
                 del self.streams[sid]  # the flush gave its state row back already
         hop = self.model.hop

@@ -33,16 +33,21 @@ class BulkHistogram(Collector):
         self._lock = threading.Lock()
         registry.register(self)
 
-    def observe_many(self, label_value: str, values) -> None:
+    def observe_many(self, label_value: str, values) -> int:
+        """Add the values; returns how many were not finite. Those count in the +Inf bucket but not
+        in the sum, so one NaN or inf does not make the sum (and every rate over it) NaN for good."""
         v = np.asarray(values, dtype=np.float64).ravel()
         if v.size == 0:
-            return
-        idx = np.searchsorted(self.bounds, v, side="left")  # bucket i counts values <= bounds[i]
+            return 0
+        finite = np.isfinite(v)
+        idx = np.where(finite, np.searchsorted(self.bounds, v, side="left"), self.bounds.size)  # i: <= bounds[i]
         add = np.bincount(idx, minlength=self.bounds.size + 1)
+        total = float(v[finite].sum()) if not finite.all() else float(v.sum())
         with self._lock:
             counts = self._counts.setdefault(label_value, np.zeros(self.bounds.size + 1, np.int64))
             counts += add
-            self._sums[label_value] = self._sums.get(label_value, 0.0) + float(v.sum())
+            self._sums[label_value] = self._sums.get(label_value, 0.0) + total
+        return int(v.size - np.count_nonzero(finite))
 
     def collect(self):
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
@@ -73,12 +78,14 @@ class Metrics:
                                        "call (one or more streaming steps, and flushes)",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.active_streams = Gauge("sim_active_streams", "StreamEncode calls in progress", registry=r)
-        self.ood_score = BulkHistogram("sim_ood_score", "Calibrated OOD score per frame (KL in nats or squared "
-                                       "Mahalanobis distance, per the model's calibration)", "level",
-                                       SCORE_BUCKETS, r)
+        self.ood_score = BulkHistogram("sim_ood_score", "Per-frame OOD score the flags are built on (KL in nats "
+                                       "or squared Mahalanobis distance, per the model's calibration); "
+                                       "non-finite scores count in +Inf only", "level", SCORE_BUCKETS, r)
+        self.nonfinite_scores = Counter("sim_nonfinite_scores", "Frames whose OOD score was NaN or infinite "
+                                        "(flagged)", ["level"], registry=r)
         self.frames = Counter("sim_frames", "Frames produced for streams", ["level"], registry=r)
-        self.flagged_frames = Counter("sim_flagged_frames", "Frames flagged out-of-distribution", ["level"],
-                                      registry=r)
+        self.flagged_frames = Counter("sim_flagged_frames", "Frames flagged out-of-distribution (their window "
+                                      "score above the calibrated threshold)", ["level"], registry=r)
         self.streams = Counter("sim_streams", "Finished StreamEncode calls by outcome (ok, cancelled, "
                                "or the status code)", ["outcome"], registry=r)
         self.audio_seconds = Counter("sim_audio_seconds", "Seconds of audio received", registry=r)
@@ -91,7 +98,9 @@ class Metrics:
             scores = parts[0].score if len(parts) == 1 else np.concatenate([p.score for p in parts])
             flagged = sum(int(np.count_nonzero(p.ood)) for p in parts)
             self.frames.labels(level).inc(scores.size)
-            self.ood_score.observe_many(level, scores)
+            nonfinite = self.ood_score.observe_many(level, scores)
+            if nonfinite:
+                self.nonfinite_scores.labels(level).inc(nonfinite)
             if flagged:
                 self.flagged_frames.labels(level).inc(flagged)
 

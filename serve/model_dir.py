@@ -8,8 +8,10 @@ the manifest says about the model (no onnxruntime sessions here; serve.runtime a
   levels     ["m1", "m2", "m3", "ar"] (CPC: ["m3", "ar"]);  level_dims {level: channels}
   files      {file name: {"sha256", "role"}}   roles: module, encoder, step, flush, decoder
              (decoder_<level>.onnx), step-fp32
-  calibration {"fpr", "levels": {level: {"score": "kl" | "maha", "n_ref", "reference" (sorted, <= 4096),
-              "threshold", "mean", "std", "quantiles", "other": {score: same fields}, ...}}}
+  calibration {"fpr", "window_seconds", "levels": {level: {"score": "kl" | "maha" (the per-frame score),
+              "window_frames" (its rolling mean, serve.scoring; absent in older exports: 1), and of the
+              window scores "n_ref", "reference" (sorted, <= 4096), "threshold", "mean", "std", "quantiles";
+              "frame": the per-frame scores' statistics; "other": {score: same fields}, ...}}}
   precision  {"step": "int8", ...} after `--int8` (absent: everything fp32)
 """
 from __future__ import annotations

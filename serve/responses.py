@@ -10,9 +10,10 @@ import numpy as np
 
 from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
-from serve.scoring import ScoredFrames, Scorer
+from serve.scoring import ScoredFrames, Scorer, WindowHistory
 
-Request = tuple[dict[str, dict], tuple[str, ...], bool]  # (popped frames, levels asked for, return_logvar)
+# (popped frames, levels asked for, return_logvar, the stream's OOD window history)
+Request = tuple[dict[str, dict], tuple[str, ...], bool, WindowHistory]
 
 
 class ResponseBuilder:
@@ -29,26 +30,28 @@ class ResponseBuilder:
         messages: list[list[pb.LevelFrames]] = [[] for _ in requests]
         scored: dict[str, list[ScoredFrames]] = {}
         for level in self.levels:
-            members = [(i, popped[level], return_logvar) for i, (popped, levels, return_logvar) in enumerate(requests)
+            members = [(i, popped[level], return_logvar, history)
+                       for i, (popped, levels, return_logvar, history) in enumerate(requests)
                        if level in levels and level in popped and len(popped[level]["index"])]
             if not members:
                 continue
             first = members[0][1]
-            scores = {k: np.concatenate([f[k] for _, f, _ in members]) if len(members) > 1 else first[k]
+            scores = {k: np.concatenate([f[k] for _, f, _, _ in members]) if len(members) > 1 else first[k]
                       for k in ("kl", "maha") if k in first}
-            sc = self.scorer.score(level, scores)
+            sc = self.scorer.score(level, scores, [(h, len(f["index"])) for _, f, _, h in members])
             scored.setdefault(level, []).append(sc)
             end = 0
-            for i, f, return_logvar in members:
+            for i, f, return_logvar, _ in members:
                 start, end = end, end + len(f["index"])
                 messages[i].append(codec.level_frames(
                     level, int(f["index"][0]), f["mu"], f["maha"], sc.score[start:end], sc.ood[start:end],
                     logvar=f.get("logvar") if return_logvar else None, kl=f.get("kl"),
-                    p_value=None if sc.p_value is None else sc.p_value[start:end]))
+                    p_value=None if sc.p_value is None else sc.p_value[start:end],
+                    window_score=None if sc.window is None else sc.window[start:end]))
         return [pb.StreamEncodeResponse(frames=m).SerializeToString() if m else None for m in messages], scored
 
-    def response(self, popped: dict[str, dict], levels: tuple[str, ...], return_logvar: bool
-                 ) -> tuple[bytes | None, list[ScoredFrames]]:
+    def response(self, popped: dict[str, dict], levels: tuple[str, ...], return_logvar: bool,
+                 history: WindowHistory) -> tuple[bytes | None, list[ScoredFrames]]:
         """One stream's serialised response (None if none of its levels has a new frame) and its scored frames."""
-        (data,), scored = self.responses([(popped, levels, return_logvar)])
+        (data,), scored = self.responses([(popped, levels, return_logvar, history)])
         return data, [sc for level in levels for sc in scored.get(level, [])]

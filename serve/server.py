@@ -19,7 +19,7 @@ from serve.batcher import Batcher
 from serve.decoders import DecoderBank
 from serve.engine import EngineThread
 from serve.metrics import Metrics
-from serve.servicer import Limits, SimEncoderServicer, add_servicer
+from serve.servicer import CORE_LIMIT_FACTOR, Limits, SimEncoderServicer, add_servicer
 
 log = logging.getLogger("serve")
 
@@ -73,7 +73,9 @@ class Server:
         interceptors = [TokenInterceptor(opts.token, self._count_reject)] if opts.token else []
         limit = int(opts.limits.max_message_bytes)
         self._server = aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", limit),
+            # the servicer refuses messages over the limit itself (so the stream is counted as
+            # resource_exhausted); gRPC refuses those far over it before they are read into memory
+            ("grpc.max_receive_message_length", limit * CORE_LIMIT_FACTOR),
             ("grpc.max_send_message_length", max(limit, 64 << 20)),
             ("grpc.so_reuseport", 1 if opts.reuse_port else 0),
             # both grpc limits: above the soft one calls are refused at random, above the absolute one always

@@ -24,6 +24,10 @@ from serve.session import END, StreamSession
 log = logging.getLogger("serve")
 
 API_VERSION = pb.DESCRIPTOR.package  # "sim.v2"
+# gRPC itself refuses messages over this many times Limits.max_message_bytes, before they are read
+# into memory; the servicer refuses those between the two with RESOURCE_EXHAUSTED. (A call gRPC
+# refuses reaches the servicer as cancelled, without the reason: it is counted as cancelled.)
+CORE_LIMIT_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,8 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             ait = request_iterator.__aiter__()
             first = await self._next(ait, "config")
             if first is None:
-                return  # the client closed without sending anything: nothing to do
+                code = grpc.StatusCode.OK  # the client closed without sending anything: nothing to do
+                return
             session = self._open(first)
             self._sessions.add(session)
             self.batcher.add(session)
@@ -190,6 +195,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                               f"idle too long: no {expecting} message for {idle:g} s") from None
 
     def _open(self, request) -> StreamSession:
+        self._check_size(request)
         kind = request.WhichOneof("request")
         if kind != "config":
             raise StreamError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -253,6 +259,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                     self.batcher.notify()
                     return
                 session.last_message = loop.time()
+                self._check_size(req)
                 kind = req.WhichOneof("request")
                 if kind == "config":
                     raise StreamError(grpc.StatusCode.INVALID_ARGUMENT, "config sent twice: only the first "
@@ -273,6 +280,13 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         except Exception as exc:  # a bug: end this stream only
             log.exception("stream %s: reader failed", session.id)
             session.fail(StreamError(grpc.StatusCode.INTERNAL, f"server error reading the stream: {exc}"))
+
+    def _check_size(self, request) -> None:
+        size = request.ByteSize()
+        if size > self.limits.max_message_bytes:
+            raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"Received message larger than max ({size} vs. {self.limits.max_message_bytes}): "
+                              "send smaller audio messages (Info.limits.max_message_bytes)")
 
     def _account(self, session: StreamSession, needed: int) -> None:
         """Frame latency of a write: from the arrival of the newest sample its frames needed.
@@ -308,13 +322,16 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             if c:
                 li.calibration.CopyFrom(pb.Calibration(score=c["score"], threshold=float(c["threshold"]),
                                                        n_ref=int(c.get("n_ref", len(c.get("reference", [])))),
-                                                       fpr=float(cal.get("fpr", 0.0))))
+                                                       fpr=float(cal.get("fpr", 0.0)),
+                                                       window_frames=int(c.get("window_frames", 1))))
         resp.versions.update({"server": package_version(), "api": API_VERSION, "onnxruntime": onnxruntime.__version__,
                               "grpc": grpc.__version__, "numpy": np.__version__,
                               "model_format": str(man.get("format", "")),
                               "model_code_version": str(man.get("code_version", "unknown")),
                               "checkpoint_sha256": str(man.get("checkpoint_sha256", "")),
-                              "step_precision": m.step_precision})
+                              "step_precision": m.step_precision,
+                              # an int8 step's scores differ from fp32's; its thresholds are its own
+                              "calibration_measured_with": str(cal.get("measured_with", "fp32 step"))})
         lim = self.limits
         resp.limits.CopyFrom(pb.Limits(max_message_bytes=lim.max_message_bytes, max_streams=lim.max_streams,
                                        max_stream_seconds=lim.max_stream_seconds,
@@ -324,6 +341,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
     # --- Decode ------------------------------------------------------------------------------
     async def Decode(self, request, context):
         try:
+            self._check_size(request)
             audio = await asyncio.get_running_loop().run_in_executor(
                 None, self.decoders.decode, request.level, request.num_frames, request.latents)
         except StreamError as err:

@@ -74,17 +74,81 @@ def test_stream_cli_realtime_linear16_and_levels(server, model, files, tmp_path)
 @pytest.mark.parametrize("args,code,text", [
     (["/nonexistent.wav", "--out", "x.npz"], 2, "cannot read audio"),
     (["{speech}", "--out", "x.npz", "--server", "127.0.0.1:1", "--timeout", "1"], 2, "cannot reach the server"),
-    (["{speech}", "--out", "x.npz", "--levels", "m7"], 1, "INVALID_ARGUMENT"),
+    (["{speech}", "--out", "x.npz", "--levels", "m7"], 2, "--levels m7: the served model (sim) has levels"),
+    (["{empty}", "--out", "x.npz"], 2, "contains no audio samples"),
     (["{speech}", "--out", "x.npz", "--chunk-samples", "0"], 2, "--chunk-samples"),
 ])
 def test_stream_cli_errors(server, files, tmp_path, args, code, text):
-    args = [a.format(speech=files[0]) for a in args]
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000, subtype="PCM_16")
+    args = [a.format(speech=files[0], empty=empty) for a in args]
     if "--server" not in args:
         args += ["--server", server.address]
     proc = subprocess.run([PY, "-m", "clients.stream", *args], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == code, proc.stderr
     assert "error:" in proc.stderr and text in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stream_cli_warns_about_a_truncated_file_and_saves_float16(server, files, tmp_path):
+    whole = files[0].read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole[:len(whole) // 2])  # the header still promises the whole file
+    proc = cli("clients.stream", cut, "--server", server.address, "--out", tmp_path / "h.npz", "--dtype", "float16")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" in proc.stderr and "truncated" in proc.stderr and "(50 %)" in proc.stderr
+    assert re.search(r"writing about \d+\.\d MB", proc.stderr) and re.search(r"saved .*h\.npz \(\d+\.\d MB\)",
+                                                                             proc.stdout)
+    got = np.load(tmp_path / "h.npz")
+    assert got["m1"].dtype == np.float16 and got["window_m3"].dtype == np.float16 and got["ood"].dtype == bool
+    assert cli("clients.stream", files[0], "--server", server.address, "--out", tmp_path / "f.npz").returncode == 0
+    want = np.load(tmp_path / "f.npz")
+    n = got["m3"].shape[0]
+    assert 0.4 < n / want["m3"].shape[0] < 0.6  # half the audio
+    # float16 keeps about 3 significant digits of the float32 latents (the last frames saw the cut)
+    np.testing.assert_allclose(got["m3"][:n - 3].astype(np.float32), want["m3"][:n - 3], rtol=2e-3, atol=2e-3)
+
+
+def test_stream_cli_saves_the_frames_before_the_server_ends_the_stream(model, files, tmp_path):
+    srv = ServerProcess(model[0], "--max-stream-seconds", "0.5", log_dir=tmp_path).start()
+    try:
+        proc = cli("clients.stream", files[0], "--server", srv.address, "--out", tmp_path / "cut.npz",
+                   "--chunk-samples", 800, "--realtime")  # frames come back before the limit is reached
+    finally:
+        srv.close()
+    assert proc.returncode == 1
+    assert "OUT_OF_RANGE" in proc.stderr and "the stream was cut short" in proc.stderr
+    got = np.load(tmp_path / "cut.npz")
+    full = sf.read(files[0])[0].size
+    assert 0 < got["m3"].shape[0] <= 51 and got["m3"].shape[0] < full // 160  # at most the first 0.5 s
+    assert got["ood"].shape == (got["m3"].shape[0],) and got["m1"].shape[0] > 0
+
+
+def test_npz_stream_writes_what_numpy_savez_writes(tmp_path):
+    from clients.npz_stream import NpzStream
+
+    rng = np.random.default_rng(2)
+    parts = {"m1": [rng.standard_normal((n, 5)).astype(np.float32) for n in (3, 0, 7)],
+             "ood_m1": [rng.random(n) > 0.5 for n in (3, 0, 7)], "kl_m1": [rng.random(n) for n in (3, 0, 7)]}
+    sink = NpzStream(tmp_path / "a.npz")
+    for i in range(3):
+        for name, p in parts.items():
+            sink.append(name, p[i])
+    assert sink.bytes_written == 10 * 5 * 4 + 10 + 10 * 4
+    sink.close({"ood": np.ones(4, bool)})
+    np.savez(tmp_path / "b.npz", **{k: np.concatenate(v) for k, v in parts.items()}, ood=np.ones(4, bool))
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for name in b.files:
+        want = b[name].astype(np.float32) if b[name].dtype == np.float64 else b[name]
+        np.testing.assert_array_equal(a[name], want)
+        assert a[name].dtype == want.dtype
+    assert not any(p.name.startswith((".a.npz", "a.npz.")) for p in tmp_path.iterdir())  # no temporary files left
+    s = NpzStream(tmp_path / "c.npz")
+    s.append("x", np.zeros((2, 3)))
+    with pytest.raises(ValueError):
+        s.append("x", np.zeros((2, 4)))
+    s.discard()
 
 
 def events_of(text: str) -> list[dict]:

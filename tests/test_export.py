@@ -63,10 +63,12 @@ def test_sim_export_writes_every_graph_and_a_complete_manifest(exported):
 def test_calibration_in_the_manifest(exported):
     m = load_manifest(exported("sim", decoders=True))
     cal = m["calibration"]
-    assert cal["fpr"] == 0.01
+    assert cal["fpr"] == 0.01 and cal["window_seconds"] == 0.3
     for level in m["levels"]:
         c = cal["levels"][level]
-        assert c["score"] == ("maha" if level == "ar" else "kl")
+        assert c["score"] == "maha"  # the flag's per-frame score, averaged over 0.3 s
+        assert c["window_frames"] == {"m1": 240, "m2": 60, "m3": 30, "ar": 30}[level]
+        assert c["frame"]["n_ref"] == c["n_ref"] and "reference" not in c["frame"]
         ref = np.array(c["reference"])
         assert 0 < ref.size <= 4096 and np.all(np.diff(ref) >= 0)
         assert ref.size == min(c["n_ref"], 4096)
@@ -75,7 +77,7 @@ def test_calibration_in_the_manifest(exported):
         assert above <= 0.011 + 1.0 / ref.size
         assert p_value(ref, np.array([c["threshold"]]))[0] == pytest.approx(0.01, abs=0.01 + 2.0 / ref.size)
         if level != "ar":
-            assert set(c["other"]) == {"maha"} and len(c["other"]["maha"]["reference"]) > 0
+            assert set(c["other"]) == {"kl"} and len(c["other"]["kl"]["reference"]) > 0
     # 10 clips to fit and 10 to score: the frames of the scoring half
     assert cal["levels"]["m3"]["n_clips_fit"] == cal["levels"]["m3"]["n_clips_ref"] == 10
 
@@ -257,3 +259,30 @@ def test_module_graph_wrappers_use_the_encoders_weights():
     torch.testing.assert_close(whole["mu_ar"], ref["ar"])
     torch.testing.assert_close(whole["kl_m2"], ref["kl_m2"])
     torch.testing.assert_close(whole["maha_m3"], (ref["m3"] ** 2).sum(-1))  # no Gaussian: identity
+
+
+def test_a_model_trained_on_a_folder_is_calibrated_on_its_held_out_tenth(tmp_path, capsys):
+    """--data (or the checkpoint's own training folder): the reference clips are the tenth of the
+    folder train.sim held out, not corpus words."""
+    from conftest import write_audio
+    from export.random_model import write_checkpoint as write_random
+    from train.model import ModelSpec
+
+    folder = tmp_path / "mine"
+    for i in range(24):  # a held-out tenth of 2 files, 12,000 samples each
+        write_audio(folder / f"{i:02d}.wav", 12_000 + i)
+    ckpt = tmp_path / "own.pt"
+    write_random(ckpt, ModelSpec("sim", 16, 8), seed=1)
+    ck = torch.load(ckpt, weights_only=False)
+    ck["config"] = {**ck.get("config", {}), "data": str(folder), "crop": 10_240}
+    torch.save(ck, ckpt)
+    with one_torch_thread():
+        assert main([str(ckpt), "--out", str(tmp_path / "m"), "--skip-verify", "--corpus", "/nonexistent"]) == 0
+    assert f"calibrating on the held-out tenth of {folder}" in capsys.readouterr().err
+    man = load_manifest(tmp_path / "m")
+    assert man["export"]["data"] == str(folder) and man["export"]["calibration_clips"] == 2
+    m3 = man["calibration"]["levels"]["m3"]  # one clip fits the Gaussian, the other is the reference
+    assert m3["n_clips_fit"] == m3["n_clips_ref"] == 1 and m3["n_ref"] > 70
+    with one_torch_thread():
+        assert main([str(ckpt), "--out", str(tmp_path / "few"), "--skip-verify", "--data", str(folder / "none")]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -133,12 +133,17 @@ def test_frames_carry_index_scores_and_logvar_on_request(conn, model, speech):
         score = f.kl if c["score"] == "kl" else f.maha
         np.testing.assert_allclose(f.ood_score, score, rtol=1e-6)
         ref_scores = np.asarray(c["reference"])
-        expected_p = (1 + np.sum(ref_scores[None, :] >= f.ood_score[:, None], axis=1)) / (len(ref_scores) + 1)
+        expected_p = (1 + np.sum(ref_scores[None, :] >= f.window_score[:, None], axis=1)) / (len(ref_scores) + 1)
         np.testing.assert_allclose(f.p_value, expected_p, atol=2.0 / len(ref_scores))
-        np.testing.assert_array_equal(f.ood, f.ood_score > c["threshold"])
+        np.testing.assert_array_equal(f.ood, f.window_score > c["threshold"])
         assert (f.kl is not None) == (m.level == "m2")
         assert len(m.logvar) == (4 * 32 * m.count if m.level == "m2" else 0)
     assert next_index == {"m2": ref["m2"].shape[0], "ar": ref["ar"].shape[0]}
+    # the window score of frame i is the mean of the per-frame scores of the stream's frames i - W + 1 .. i
+    for level in ("m2", "ar"):
+        w, score = cal[level]["window_frames"], arrays[f"score_{level}"].astype(np.float64)
+        expected = [score[max(0, i - w + 1):i + 1].mean() for i in range(score.size)]
+        np.testing.assert_allclose(arrays[f"window_{level}"], expected, rtol=1e-5)
     # log-variances equal the offline posterior's: kl recomputed from them matches
     lv, mu = arrays["logvar_m2"], arrays["m2"]
     kl = 0.5 * (mu ** 2 + np.exp(lv) - 1 - lv).sum(-1)
@@ -181,10 +186,11 @@ def test_info_describes_model_calibration_and_limits(conn, model):
     assert [levels[n].hop_samples for n in LEVELS] == [20, 80, 160, 160]
     assert [levels[n].has_logvar for n in LEVELS] == [True, True, True, False]
     assert [levels[n].has_decoder for n in LEVELS] == [False, False, True, False]
-    assert levels["m3"].calibration.score == "kl" and levels["ar"].calibration.score == "maha"
+    assert levels["m3"].calibration.score == "maha" and levels["ar"].calibration.score == "maha"
+    assert [levels[n].calibration.window_frames for n in LEVELS] == [240, 60, 30, 30]  # 0.3 s at each rate
     assert levels["m3"].calibration.n_ref > 0 and levels["m3"].calibration.fpr == pytest.approx(0.01)
     assert info.versions["api"] == "sim.v2" and info.versions["onnxruntime"]
-    assert info.versions["step_precision"] == "fp32"
+    assert info.versions["step_precision"] == "fp32" and info.versions["calibration_measured_with"] == "fp32 step"
     assert info.limits.max_streams == 64 and "CPUExecutionProvider" in info.providers
 
 

@@ -84,10 +84,14 @@ AUDIO = audio_request(np.zeros(1600, np.float32))
     ([cfg(), audio_request(np.array([0.1, np.nan, 0.2], np.float32))], "NaN or infinite samples (first at sample 1 "),
     ([cfg(), AUDIO, audio_request(np.array([0.1, 0.2, np.nan], np.float32))], "first at sample 1602 of the stream"),
     ([cfg(), audio_request(np.array([0.1, np.inf], np.float32))], "NaN or infinite"),
+    ([cfg(), AUDIO, audio_request(np.array([0.5, 1e30], np.float32))], "magnitude 1e+30, above the limit of 10 "
+                                                                        "(audio is nominally in [-1, 1]; scale it) "
+                                                                        "(first at sample 1601 "),
     ([cfg(), pb.StreamEncodeRequest()], "empty message"),
     ([pb.StreamEncodeRequest()], "got an empty message"),
 ], ids=["audio-first", "config-twice", "rate-44100", "rate-8000", "encoding-unspecified", "encoding-unknown",
-        "level-unknown", "level-twice", "linear16-odd-bytes", "float32-odd-bytes", "nan", "nan-later", "inf", "empty", "empty-first"])
+        "level-unknown", "level-twice", "linear16-odd-bytes", "float32-odd-bytes", "nan", "nan-later", "inf", "huge",
+        "empty", "empty-first"])
 def test_invalid_argument(server, requests, text):
     s, ch = stub(server)
     try:
@@ -140,6 +144,7 @@ def test_idle_before_config(server):
 
 
 def test_message_too_large(tight):
+    before = tight.metric("sim_streams_total", outcome="resource_exhausted") or 0
     s, ch = stub(tight)
     try:
         _, err = run(s, [cfg(), audio_request(np.zeros(20000, np.float32))])  # 80 kB > 64 KiB
@@ -147,6 +152,30 @@ def test_message_too_large(tight):
         ch.close()
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in err.details()
+    wait_for(lambda: tight.metric("sim_streams_total", outcome="resource_exhausted") == before + 1,
+             what="the over-size stream counted as resource_exhausted")
+    assert not tight.metric("sim_streams_total", outcome="cancelled")
+
+
+def test_a_stream_without_audio_ends_ok_with_no_frames(server):
+    s, ch = stub(server)
+    try:
+        responses, err = run(s, [cfg(), pb.StreamEncodeRequest(audio=b"")])
+    finally:
+        ch.close()
+    assert err is None and responses == []
+
+
+def test_a_client_that_sends_nothing_ends_ok_and_is_counted_ok(server):
+    before = server.metric("sim_streams_total", outcome="ok") or 0
+    s, ch = stub(server)
+    try:
+        responses, err = run(s, [])
+    finally:
+        ch.close()
+    assert err is None and responses == []
+    wait_for(lambda: server.metric("sim_streams_total", outcome="ok") == before + 1, what="the stream counted ok")
+    assert not server.metric("sim_streams_total", outcome="internal")
 
 
 def test_stream_too_long(tight, speech):

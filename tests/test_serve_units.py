@@ -10,7 +10,12 @@ from protos.sim.v2 import codec
 from protos.sim.v2 import sim_pb2 as pb
 from serve.metrics import SCORE_BUCKETS, Metrics
 from serve.responses import ResponseBuilder
-from serve.scoring import p_value
+from serve.scoring import WindowHistory, p_value, rolling_mean
+
+
+def _window_mean(score: np.ndarray, window: int) -> np.ndarray:
+    """Frame i's mean over frames max(0, i - window + 1) .. i, one frame at a time."""
+    return np.array([score[max(0, i - window + 1):i + 1].mean() for i in range(score.size)])
 
 
 def _reference_response(manifest: dict, popped: dict, levels, return_logvar: bool) -> pb.StreamEncodeResponse:
@@ -32,8 +37,10 @@ def _reference_response(manifest: dict, popped: dict, levels, return_logvar: boo
         if "kl" in frames:
             m.kl = frames["kl"].astype("<f4").tobytes()
         if c:
-            m.p_value = p_value(np.asarray(c["reference"]), score).astype("<f4").tobytes()
-            m.ood = (score > c["threshold"]).astype(np.uint8).tobytes()
+            window = _window_mean(score, c.get("window_frames", 1))
+            m.window_score = window.astype("<f4").tobytes()
+            m.p_value = p_value(np.asarray(c["reference"]), window).astype("<f4").tobytes()
+            m.ood = (window > c["threshold"]).astype(np.uint8).tobytes()
         else:
             m.ood = bytes(n)
     return resp
@@ -44,7 +51,7 @@ def test_response_bytes_parse_to_the_message_written_field_by_field(return_logva
     rng = np.random.default_rng(3)
     reference = np.sort(rng.gamma(2.0, 50.0, 500))
     manifest = {"calibration": {"fpr": 0.01, "levels": {
-        "m1": {"score": "kl", "reference": reference.tolist(), "threshold": float(reference[-5])},
+        "m1": {"score": "kl", "reference": reference.tolist(), "threshold": float(reference[-5]), "window_frames": 1},
         "ar": {"score": "maha", "reference": reference.tolist(), "threshold": float(reference[-5])}}}}
     builder = ResponseBuilder(manifest, ["m1", "m3", "ar"])
     popped = {}
@@ -61,7 +68,7 @@ def test_response_bytes_parse_to_the_message_written_field_by_field(return_logva
             frames["kl"][2] = 1e6  # flagged where kl is the score (m1)
         popped[level] = frames
     levels = ("m1", "m3", "ar")
-    data, scored = builder.response(popped, levels, return_logvar)
+    data, scored = builder.response(popped, levels, return_logvar, WindowHistory())
     parsed = pb.StreamEncodeResponse.FromString(data)
     expected = _reference_response(manifest, popped, levels, return_logvar)
     assert parsed == expected and [m.level for m in parsed.frames] == list(levels)
@@ -72,7 +79,8 @@ def test_response_bytes_parse_to_the_message_written_field_by_field(return_logva
     # two responses written back to back are one response with the frames of both
     merged = pb.StreamEncodeResponse.FromString(data + data)
     assert list(merged.frames) == list(expected.frames) * 2
-    assert builder.response({"m1": {**popped["m1"], "index": np.zeros(0, np.int64)}}, ("m1",), False)[0] is None
+    assert builder.response({"m1": {**popped["m1"], "index": np.zeros(0, np.int64)}}, ("m1",), False,
+                            WindowHistory())[0] is None
 
 
 def test_bulk_histogram_exports_what_a_prometheus_histogram_would():
@@ -100,7 +108,7 @@ def test_batched_responses_equal_each_streams_own_response():
     reference = np.sort(rng.gamma(2.0, 50.0, 300))
     manifest = {"calibration": {"fpr": 0.01, "levels": {
         lv: {"score": "kl" if lv != "ar" else "maha", "reference": reference.tolist(),
-             "threshold": float(reference[-3])} for lv in ("m1", "m3", "ar")}}}
+             "threshold": float(reference[-3]), "window_frames": w} for lv, w in (("m1", 5), ("m3", 3), ("ar", 1))}}}
     builder = ResponseBuilder(manifest, ["m1", "m3", "ar"])
     dims = {"m1": 6, "m3": 5, "ar": 4}
 
@@ -120,15 +128,74 @@ def test_batched_responses_equal_each_streams_own_response():
     requests = [(popped(0), ("m1", "m3", "ar"), False), (popped(2047), ("m1", "ar"), True),
                 (popped(15), ("m1", "m3"), True), (popped(300000), ("m1", "m3", "ar"), False),
                 ({}, ("m1",), False), (popped(7), ("ar",), False)]
-    data, scored = builder.responses(requests)
+    data, scored = builder.responses([(*r, WindowHistory()) for r in requests])
     assert data[4] is None
     for (p, levels, lv), got in zip(requests, data):
         if p:
-            alone, _ = builder.response(p, levels, lv)
+            alone, _ = builder.response(p, levels, lv, WindowHistory())
             assert got == alone
             assert pb.StreamEncodeResponse.FromString(got) == _reference_response(manifest, p, levels, lv)
     n_frames = {lv: sum(len(p[lv]["index"]) for p, levels, _ in requests if lv in levels and p) for lv in dims}
     assert {lv: sum(s.score.size for s in parts) for lv, parts in scored.items()} == n_frames
+
+
+def test_window_scores_continue_across_responses_and_streams_keep_their_own():
+    """A stream's frames scored over several responses get the windows of the whole stream; a
+    second stream in the same batches has its own history."""
+    rng = np.random.default_rng(11)
+    reference = np.sort(rng.gamma(2.0, 50.0, 400))
+    manifest = {"calibration": {"fpr": 0.01, "levels": {"m3": {"score": "maha", "reference": reference.tolist(),
+                                                               "threshold": float(reference[-4]), "window_frames": 7}}}}
+    builder = ResponseBuilder(manifest, ["m3"])
+    scores = [rng.gamma(2.0, 50.0, 23), rng.gamma(2.0, 50.0, 23)]
+    scores[1][9] = 1e5  # one spike: raises the window of 7 frames, no more
+    histories = [WindowHistory(), WindowHistory()]
+    got = [[], []]
+    for a, b in ((0, 1), (1, 6), (6, 7), (7, 16), (16, 23)):
+        reqs = []
+        for s in scores:
+            n = b - a
+            reqs.append(({"m3": {"index": np.arange(a, b), "mu": np.zeros((n, 2), np.float32),
+                                 "maha": s[a:b].astype(np.float32)}}, ("m3",), False))
+        data, _ = builder.responses([(*r, h) for r, h in zip(reqs, histories)])
+        for i, d in enumerate(data):
+            got[i].append(codec.frames_of(pb.StreamEncodeResponse.FromString(d).frames[0]))
+    for s, parts in zip(scores, got):
+        window = np.concatenate([f.window_score for f in parts])
+        expected = _window_mean(s.astype(np.float32).astype(np.float64), 7)
+        np.testing.assert_allclose(window, expected, rtol=1e-6)
+        np.testing.assert_array_equal(np.concatenate([f.ood for f in parts]), expected > reference[-4])
+    ood = np.concatenate([f.ood for f in got[1]])
+    assert ood[9:16].all() and not ood[16:].any()
+
+
+def test_rolling_mean_and_flags_of_non_finite_scores():
+    s = np.array([1.0, 2.0, np.nan, 4.0, 5.0, 6.0, np.inf, 1.0, 1.0, 1.0])
+    w = rolling_mean(s, 3)
+    assert np.isnan(w[2:5]).all() and np.isinf(w[6:9]).all()  # only the windows that hold them
+    np.testing.assert_allclose(w[[0, 1, 5, 9]], [1.0, 1.5, 5.0, 1.0])
+    from serve.scoring import flags
+
+    assert flags(w, 100.0).tolist() == [False, False, True, True, True, False, True, True, True, False]
+    assert p_value(np.arange(10.0), np.array([np.nan]))[0] == pytest.approx(1 / 11)
+    np.testing.assert_allclose(rolling_mean(s[5:], 3, history=s[:5][-2:] * 0 + [4.0, 5.0]), w[5:])
+    with pytest.raises(ValueError):
+        rolling_mean(s, 0)
+
+
+def test_metrics_stay_finite_when_scores_are_not():
+    from serve.scoring import ScoredFrames
+
+    metrics = Metrics()
+    score = np.array([1.0, np.nan, np.inf, 3.0])
+    metrics.count_frames({"m3": [ScoredFrames("m3", score, score, None, np.array([False, True, True, False]))]})
+    text = generate_latest(metrics.registry).decode()
+    lines = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert lines['sim_ood_score_sum{level="m3"}'] == 4.0
+    assert lines['sim_ood_score_count{level="m3"}'] == 4.0
+    assert lines['sim_ood_score_bucket{le="+Inf",level="m3"}'] == 4.0
+    assert lines['sim_nonfinite_scores_total{level="m3"}'] == 2.0
+    assert lines['sim_flagged_frames_total{level="m3"}'] == 2.0
 
 
 def test_tick_hops_steps_real_time_streams_together_and_files_in_bulk():

@@ -50,13 +50,14 @@ def unpack(data: bytes, rows: int, dim: int | None = None, dtype: np.dtype = FLO
 
 def level_frames(level: str, first_index: int, mu: np.ndarray, maha: np.ndarray, ood_score: np.ndarray,
                  ood: np.ndarray, logvar: np.ndarray | None = None, kl: np.ndarray | None = None,
-                 p_value: np.ndarray | None = None) -> pb.LevelFrames:
+                 p_value: np.ndarray | None = None, window_score: np.ndarray | None = None) -> pb.LevelFrames:
     """One LevelFrames message from arrays of the same number of frames (mu: frames x dim)."""
     count, dim = mu.shape
     return pb.LevelFrames(level=level, first_index=first_index, count=count, dim=dim, mu=pack(mu),
                           logvar=b"" if logvar is None else pack(logvar), kl=b"" if kl is None else pack(kl),
                           maha=pack(maha), ood_score=pack(ood_score),
-                          p_value=b"" if p_value is None else pack(p_value), ood=pack(ood, FLAG))
+                          p_value=b"" if p_value is None else pack(p_value), ood=pack(ood, FLAG),
+                          window_score=b"" if window_score is None else pack(window_score))
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,12 @@ class Frames:
     first_index: int
     mu: np.ndarray  # count x dim
     maha: np.ndarray
-    ood_score: np.ndarray
-    ood: np.ndarray  # bool
+    ood_score: np.ndarray  # the per-frame score the flag is built on
+    ood: np.ndarray  # bool, decided on window_score
     logvar: np.ndarray | None
     kl: np.ndarray | None
     p_value: np.ndarray | None
+    window_score: np.ndarray | None = None  # the rolling mean of ood_score (None: no calibration)
 
     @property
     def count(self) -> int:
@@ -92,4 +94,5 @@ def frames_of(msg: pb.LevelFrames) -> Frames:
 
     return Frames(level=msg.level, first_index=msg.first_index, mu=unpack(msg.mu, n, dim), maha=unpack(msg.maha, n),
                   ood_score=unpack(msg.ood_score, n), ood=unpack(msg.ood, n, dtype=FLAG).astype(bool),
-                  logvar=opt(msg.logvar, dim), kl=opt(msg.kl), p_value=opt(msg.p_value))
+                  logvar=opt(msg.logvar, dim), kl=opt(msg.kl), p_value=opt(msg.p_value),
+                  window_score=opt(msg.window_score))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/sim/v2/sim.proto\x12\x06sim.v2\"s\n\x0cStreamConfig\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x05\x12\'\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x15.sim.v2.AudioEncoding\x12\x0e\n\x06levels\x18\x03 \x03(\t\x12\x15\n\rreturn_logvar\x18\x04 \x01(\x08\"Y\n\x13StreamEncodeRequest\x12&\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x14.sim.v2.StreamConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07request\"\xb4\x01\n\x0bLevelFrames\x12\r\n\x05level\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_index\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\n\n\x02mu\x18\x05 \x01(\x0c\x12\x0e\n\x06logvar\x18\x06 \x01(\x0c\x12\n\n\x02kl\x18\x07 \x01(\x0c\x12\x0c\n\x04maha\x18\x08 \x01(\x0c\x12\x11\n\tood_score\x18\t \x01(\x0c\x12\x0f\n\x07p_value\x18\n \x01(\x0c\x12\x0b\n\x03ood\x18\x0b \x01(\x0c\";\n\x14StreamEncodeResponse\x12#\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x13.sim.v2.LevelFrames\"\r\n\x0bInfoRequest\"\x8e\x01\n\tLevelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x13\n\x0bhop_samples\x18\x03 \x01(\x05\x12\x12\n\nhas_logvar\x18\x04 \x01(\x08\x12\x13\n\x0bhas_decoder\x18\x05 \x01(\x08\x12(\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x13.sim.v2.Calibration\"K\n\x0b\x43\x61libration\x12\r\n\x05score\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\r\n\x05n_ref\x18\x03 \x01(\x03\x12\x0b\n\x03\x66pr\x18\x04 \x01(\x01\"r\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x13\n\x0bmax_streams\x18\x02 \x01(\x05\x12\x1a\n\x12max_stream_seconds\x18\x03 \x01(\x01\x12\x1c\n\x14idle_timeout_seconds\x18\x04 \x01(\x01\"\xb8\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12!\n\x06levels\x18\x03 \x03(\x0b\x32\x11.sim.v2.LevelInfo\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x05\x12\x0b\n\x03hop\x18\x05 \x01(\x05\x12\x17\n\x0freceptive_field\x18\x06 \x01(\x05\x12\x11\n\tlookahead\x18\x07 \x01(\x05\x12\x34\n\x08versions\x18\x08 \x03(\x0b\x32\".sim.v2.InfoResponse.VersionsEntry\x12\x1e\n\x06limits\x18\t \x01(\x0b\x32\x0e.sim.v2.Limits\x12\x11\n\tproviders\x18\n \x03(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\rDecodeRequest\x12\r\n\x05level\x18\x01 \x01(\t\x12\x12\n\nnum_frames\x18\x02 \x01(\x05\x12\x0f\n\x07latents\x18\x03 \x01(\x0c\"4\n\x0e\x44\x65\x63odeResponse\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x05\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c*J\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x32\xc7\x01\n\nSimEncoder\x12M\n\x0cStreamEncode\x12\x1b.sim.v2.StreamEncodeRequest\x1a\x1c.sim.v2.StreamEncodeResponse(\x01\x30\x01\x12\x31\n\x04Info\x12\x13.sim.v2.InfoRequest\x1a\x14.sim.v2.InfoResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.sim.v2.DecodeRequest\x1a\x16.sim.v2.DecodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/sim/v2/sim.proto\x12\x06sim.v2\"s\n\x0cStreamConfig\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x05\x12\'\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x15.sim.v2.AudioEncoding\x12\x0e\n\x06levels\x18\x03 \x03(\t\x12\x15\n\rreturn_logvar\x18\x04 \x01(\x08\"Y\n\x13StreamEncodeRequest\x12&\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x14.sim.v2.StreamConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x42\t\n\x07request\"\xca\x01\n\x0bLevelFrames\x12\r\n\x05level\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_index\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\n\n\x02mu\x18\x05 \x01(\x0c\x12\x0e\n\x06logvar\x18\x06 \x01(\x0c\x12\n\n\x02kl\x18\x07 \x01(\x0c\x12\x0c\n\x04maha\x18\x08 \x01(\x0c\x12\x11\n\tood_score\x18\t \x01(\x0c\x12\x0f\n\x07p_value\x18\n \x01(\x0c\x12\x0b\n\x03ood\x18\x0b \x01(\x0c\x12\x14\n\x0cwindow_score\x18\x0c \x01(\x0c\";\n\x14StreamEncodeResponse\x12#\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x13.sim.v2.LevelFrames\"\r\n\x0bInfoRequest\"\x8e\x01\n\tLevelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x13\n\x0bhop_samples\x18\x03 \x01(\x05\x12\x12\n\nhas_logvar\x18\x04 \x01(\x08\x12\x13\n\x0bhas_decoder\x18\x05 \x01(\x08\x12(\n\x0b\x63\x61libration\x18\x06 \x01(\x0b\x32\x13.sim.v2.Calibration\"b\n\x0b\x43\x61libration\x12\r\n\x05score\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\r\n\x05n_ref\x18\x03 \x01(\x03\x12\x0b\n\x03\x66pr\x18\x04 \x01(\x01\x12\x15\n\rwindow_frames\x18\x05 \x01(\x05\"r\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x13\n\x0bmax_streams\x18\x02 \x01(\x05\x12\x1a\n\x12max_stream_seconds\x18\x03 \x01(\x01\x12\x1c\n\x14idle_timeout_seconds\x18\x04 \x01(\x01\"\xb8\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12!\n\x06levels\x18\x03 \x03(\x0b\x32\x11.sim.v2.LevelInfo\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x05\x12\x0b\n\x03hop\x18\x05 \x01(\x05\x12\x17\n\x0freceptive_field\x18\x06 \x01(\x05\x12\x11\n\tlookahead\x18\x07 \x01(\x05\x12\x34\n\x08versions\x18\x08 \x03(\x0b\x32\".sim.v2.InfoResponse.VersionsEntry\x12\x1e\n\x06limits\x18\t \x01(\x0b\x32\x0e.sim.v2.Limits\x12\x11\n\tproviders\x18\n \x03(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\rDecodeRequest\x12\r\n\x05level\x18\x01 \x01(\t\x12\x12\n\nnum_frames\x18\x02 \x01(\x05\x12\x0f\n\x07latents\x18\x03 \x01(\x0c\"4\n\x0e\x44\x65\x63odeResponse\x12\x13\n\x0bsample_rate\x18\x01 \x01(\x05\x12\r\n\x05\x61udio\x18\x02 \x01(\x0c*J\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x0c\n\x08LINEAR16\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x32\xc7\x01\n\nSimEncoder\x12M\n\x0cStreamEncode\x12\x1b.sim.v2.StreamEncodeRequest\x1a\x1c.sim.v2.StreamEncodeResponse(\x01\x30\x01\x12\x31\n\x04Info\x12\x13.sim.v2.InfoRequest\x1a\x14.sim.v2.InfoResponse\x12\x37\n\x06\x44\x65\x63ode\x12\x15.sim.v2.DecodeRequest\x1a\x16.sim.v2.DecodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFORESPONSE_VERSIONSENTRY']._loaded_options = None
   _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_AUDIOENCODING']._serialized_start=1278
-  _globals['_AUDIOENCODING']._serialized_end=1352
+  _globals['_AUDIOENCODING']._serialized_start=1323
+  _globals['_AUDIOENCODING']._serialized_end=1397
   _globals['_STREAMCONFIG']._serialized_start=35
   _globals['_STREAMCONFIG']._serialized_end=150
   _globals['_STREAMENCODEREQUEST']._serialized_start=152
   _globals['_STREAMENCODEREQUEST']._serialized_end=241
   _globals['_LEVELFRAMES']._serialized_start=244
-  _globals['_LEVELFRAMES']._serialized_end=424
-  _globals['_STREAMENCODERESPONSE']._serialized_start=426
-  _globals['_STREAMENCODERESPONSE']._serialized_end=485
-  _globals['_INFOREQUEST']._serialized_start=487
-  _globals['_INFOREQUEST']._serialized_end=500
-  _globals['_LEVELINFO']._serialized_start=503
-  _globals['_LEVELINFO']._serialized_end=645
-  _globals['_CALIBRATION']._serialized_start=647
-  _globals['_CALIBRATION']._serialized_end=722
-  _globals['_LIMITS']._serialized_start=724
-  _globals['_LIMITS']._serialized_end=838
-  _globals['_INFORESPONSE']._serialized_start=841
-  _globals['_INFORESPONSE']._serialized_end=1153
-  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_start=1106
-  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_end=1153
-  _globals['_DECODEREQUEST']._serialized_start=1155
-  _globals['_DECODEREQUEST']._serialized_end=1222
-  _globals['_DECODERESPONSE']._serialized_start=1224
-  _globals['_DECODERESPONSE']._serialized_end=1276
-  _globals['_SIMENCODER']._serialized_start=1355
-  _globals['_SIMENCODER']._serialized_end=1554
+  _globals['_LEVELFRAMES']._serialized_end=446
+  _globals['_STREAMENCODERESPONSE']._serialized_start=448
+  _globals['_STREAMENCODERESPONSE']._serialized_end=507
+  _globals['_INFOREQUEST']._serialized_start=509
+  _globals['_INFOREQUEST']._serialized_end=522
+  _globals['_LEVELINFO']._serialized_start=525
+  _globals['_LEVELINFO']._serialized_end=667
+  _globals['_CALIBRATION']._serialized_start=669
+  _globals['_CALIBRATION']._serialized_end=767
+  _globals['_LIMITS']._serialized_start=769
+  _globals['_LIMITS']._serialized_end=883
+  _globals['_INFORESPONSE']._serialized_start=886
+  _globals['_INFORESPONSE']._serialized_end=1198
+  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_start=1151
+  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_end=1198
+  _globals['_DECODEREQUEST']._serialized_start=1200
+  _globals['_DECODEREQUEST']._serialized_end=1267
+  _globals['_DECODERESPONSE']._serialized_start=1269
+  _globals['_DECODERESPONSE']._serialized_end=1321
+  _globals['_SIMENCODER']._serialized_start=1400
+  _globals['_SIMENCODER']._serialized_end=1599
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class StreamEncodeRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
 
 class LevelFrames(_message.Message):
-    __slots__ = ("level", "first_index", "count", "dim", "mu", "logvar", "kl", "maha", "ood_score", "p_value", "ood")
+    __slots__ = ("level", "first_index", "count", "dim", "mu", "logvar", "kl", "maha", "ood_score", "p_value", "ood", "window_score")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     FIRST_INDEX_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class LevelFrames(_message.Message):
     OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
     P_VALUE_FIELD_NUMBER: _ClassVar[int]
     OOD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SCORE_FIELD_NUMBER: _ClassVar[int]
     level: str
     first_index: int
     count: int
@@ -60,7 +61,8 @@ class LevelFrames(_message.Message):
     ood_score: bytes
     p_value: bytes
     ood: bytes
-    def __init__(self, level: _Optional[str] = ..., first_index: _Optional[int] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., mu: _Optional[bytes] = ..., logvar: _Optional[bytes] = ..., kl: _Optional[bytes] = ..., maha: _Optional[bytes] = ..., ood_score: _Optional[bytes] = ..., p_value: _Optional[bytes] = ..., ood: _Optional[bytes] = ...) -> None: ...
+    window_score: bytes
+    def __init__(self, level: _Optional[str] = ..., first_index: _Optional[int] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., mu: _Optional[bytes] = ..., logvar: _Optional[bytes] = ..., kl: _Optional[bytes] = ..., maha: _Optional[bytes] = ..., ood_score: _Optional[bytes] = ..., p_value: _Optional[bytes] = ..., ood: _Optional[bytes] = ..., window_score: _Optional[bytes] = ...) -> None: ...
 
 class StreamEncodeResponse(_message.Message):
     __slots__ = ("frames",)
@@ -89,16 +91,18 @@ class LevelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., hop_samples: _Optional[int] = ..., has_logvar: _Optional[bool] = ..., has_decoder: _Optional[bool] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
 
 class Calibration(_message.Message):
-    __slots__ = ("score", "threshold", "n_ref", "fpr")
+    __slots__ = ("score", "threshold", "n_ref", "fpr", "window_frames")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     N_REF_FIELD_NUMBER: _ClassVar[int]
     FPR_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
     score: str
     threshold: float
     n_ref: int
     fpr: float
-    def __init__(self, score: _Optional[str] = ..., threshold: _Optional[float] = ..., n_ref: _Optional[int] = ..., fpr: _Optional[float] = ...) -> None: ...
+    window_frames: int
+    def __init__(self, score: _Optional[str] = ..., threshold: _Optional[float] = ..., n_ref: _Optional[int] = ..., fpr: _Optional[float] = ..., window_frames: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_message_bytes", "max_streams", "max_stream_seconds", "idle_timeout_seconds")
