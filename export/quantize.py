@@ -138,6 +138,7 @@ def quantize_step(model_dir: Path, audios: list[np.ndarray], nodes: list[str], r
             quantize_static(str(fp32_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["Gemm"], nodes_to_quantize=nodes, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            reduce_range=True,  # 7-bit weights: no int16 saturation without VNNI (rowquant)
                             calibrate_method=CalibrationMethod.Percentile,
                             extra_options={"CalibPercentile": CALIB_PERCENTILE})
     finally:

@@ -8,11 +8,17 @@ batch, and the error stays near the 8-bit rounding of that row:
 
     s      = max(|x_row|, tiny) / 255 (a Relu's output, >= 0)  or  / 127 (signed input, zero point 128)
     x_q    = QuantizeLinear(x, s per row)                      uint8
-    acc    = MatMulInteger(x_q, W_q [, zero point 128])        int32, W_q int8 per output column
+    acc    = MatMulInteger(x_q, W_q [, zero point 128])        int32, W_q in [-63, 63] per output column
     y      = float(acc) * w_scale * s + bias
 
-Two-part weights (the `two_part` Gemms): W ~ W_q * w_scale + W_lo * w_scale / 254, W_lo the int8
-rounding of what W_q's rounding left, so a weight keeps about 15 bits. Both parts go through ONE
+Weights use 7 of the 8 bits (W_MAX = 63). On x86 CPUs without VNNI, onnxruntime's uint8 x int8
+kernels add each pair of products in int16 (vpmaddubsw), which saturates once 2 * 255 * |w|
+exceeds 32767: with full int8 weights the same graph gave errors of tens of percent on such a CPU
+(an AVX2-only AMD EPYC) and none on one with VNNI. With |w| <= 63 no pair can saturate, so an
+exported int8 model computes the same numbers on every x86 CPU it is served on.
+
+Two-part weights (the `two_part` Gemms): W ~ W_q * w_scale + W_lo * w_scale / (2 * W_MAX), W_lo the
+7-bit rounding of what W_q's rounding left, so a weight keeps about 13 bits. Both parts go through ONE
 MatMulInteger (columns side by side) whose two halves are added after their column scales; it
 costs twice the int8 work of one part.
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 _PASS_THROUGH = {"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze"}
+W_MAX = 63  # largest weight magnitude: no int16 pair sum can saturate (module docstring)
 
 
 def _non_negative(producers: dict, tensor: str) -> bool:
@@ -59,12 +66,12 @@ def rowquant_gemms(model, names: list[str], two_part: frozenset[str] = frozenset
             w = w.T
         bias = (numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if len(node.input) > 2
                 else np.zeros(w.shape[1], np.float32))
-        w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
-        w_q = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+        w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / W_MAX
+        w_q = np.clip(np.round(w / w_scale), -W_MAX, W_MAX).astype(np.int8)
         split = node.name in two_part
         if split:
-            lo_scale = w_scale / 254.0
-            w_lo = np.clip(np.round((w - w_q * w_scale) / lo_scale), -127, 127).astype(np.int8)
+            lo_scale = w_scale / (2.0 * W_MAX)
+            w_lo = np.clip(np.round((w - w_q * w_scale) / lo_scale), -W_MAX, W_MAX).astype(np.int8)
             w_q = np.concatenate([w_q, w_lo], axis=1)
             w_scale = np.concatenate([w_scale, lo_scale])
         unsigned = _non_negative(producers, node.input[0])

@@ -151,7 +151,7 @@ def test_row_quantized_gemm_is_8_bit_accurate_and_keeps_rows_independent(non_neg
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.rowquant import rowquant_gemms
+    from export.rowquant import W_MAX, rowquant_gemms
 
     rng = np.random.default_rng(0)
     k, n = 64, 48
@@ -174,14 +174,15 @@ def test_row_quantized_gemm_is_8_bit_accurate_and_keeps_rows_independent(non_neg
     h = np.maximum(x, 0) if non_negative else x
     got = session.run(None, {"x": x})[0]
     # numpy: weights per column, inputs per row, 255 levels for a Relu's output else 127 around 0
-    w_scale = np.abs(w).max(axis=0) / 127
+    w_scale = np.abs(w).max(axis=0) / W_MAX
     w_q = np.round(w / w_scale)
     s = np.maximum(np.abs(h).max(axis=1), 1e-12) / (255 if non_negative else 127)
     h_q = np.clip(np.round(h / s[:, None]), 0 if non_negative else -128, 255 if non_negative else 127)
     expected = (h_q @ w_q) * w_scale * s[:, None] + b
-    if two_part:  # the second part: what the first one's rounding left, on a 254x finer grid
-        w_lo = np.clip(np.round((w - w_q * w_scale) / (w_scale / 254)), -127, 127)
-        expected += (h_q @ w_lo) * (w_scale / 254) * s[:, None]
+    if two_part:  # the second part: what the first one's rounding left, on a 2 * W_MAX finer grid
+        lo_scale = w_scale / (2 * W_MAX)
+        w_lo = np.clip(np.round((w - w_q * w_scale) / lo_scale), -W_MAX, W_MAX)
+        expected += (h_q @ w_lo) * lo_scale * s[:, None]
         # the weights are then about exact: only the inputs' rounding differs from fp32
         on_grid = (h_q * s[:, None]) @ w + b
         assert np.linalg.norm(got - on_grid) / np.linalg.norm(on_grid) < 2e-4
