@@ -32,6 +32,7 @@ class Limits:
     max_stream_seconds: float = 3600.0
     idle_timeout_seconds: float = 10.0
     max_backlog_seconds: float = 10.0  # audio received but not yet processed before reads pause
+    unread_timeout_seconds: float = 30.0  # a write the client leaves untaken this long ends the stream
 
 
 def package_version() -> str:
@@ -85,6 +86,18 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         reader: asyncio.Task | None = None
         self.active += 1
         self.metrics.active_streams.inc()
+        finished = False
+
+        def finish() -> None:
+            """Free the stream's state and its slot, count its outcome (once)."""
+            nonlocal finished
+            if not finished:
+                finished = True
+                self._release(session, reader)
+                self.active -= 1
+                self.metrics.active_streams.dec()
+                self.metrics.streams.labels(outcome_label(code) if code is not None else "internal").inc()
+
         try:
             if self.draining:
                 raise StreamError(grpc.StatusCode.UNAVAILABLE, "server is draining (shutting down); retry "
@@ -117,7 +130,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                         break
                     resp += nxt[0]
                     needed = nxt[1]
-                await context.write(resp)
+                await self._write(context, resp, session)
                 self._account(session, needed)
                 if session.held:  # its responses are read again: step it again
                     self.batcher.notify()
@@ -129,19 +142,35 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         except StreamError as err:
             code = err.code
             log.info("stream %s ended: %s %s", session.id if session else "-", err.code.name, err.message)
-            await context.abort(err.code, err.message)
+            finish()  # before the status, which a client that stopped reading delays
+            await self._abort(context, err)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            if reader is not None:
-                reader.cancel()
-            if session is not None:
-                self.batcher.remove(session)
-                self._sessions.discard(session)
-            self.active -= 1
-            self.metrics.active_streams.dec()
-            self.metrics.streams.labels(outcome_label(code) if code is not None else "internal").inc()
+            finish()
+
+    def _release(self, session: StreamSession | None, reader: asyncio.Task | None) -> None:
+        """Free a stream's state: its reader, its queued responses, its audio and recurrent state
+        in the engine (idempotent)."""
+        if reader is not None:
+            reader.cancel()
+        if session is not None:
+            self.batcher.remove(session)
+            self._sessions.discard(session)
+            while not session.out.empty():
+                session.out.get_nowait()
+
+    @staticmethod
+    async def _abort(context, err: StreamError) -> None:
+        """End the call with err's status. The status goes out after any write still pending: to a
+        client that stopped reading, once it reads again or disconnects."""
+        try:
+            await context.abort(err.code, err.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # grpc's batch failed: the client is gone, nobody is left to tell
+            log.debug("stream ended by %s; the client was gone", err.code.name)
 
     async def _next(self, ait, expecting: str):
         """The next request, None at half-close; OUT_OF_RANGE when the client stays silent too long."""
@@ -238,6 +267,26 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         except Exception as exc:  # a bug: end this stream only
             log.exception("stream %s: reader failed", session.id)
             session.fail(StreamError(grpc.StatusCode.INTERNAL, f"server error reading the stream: {exc}"))
+
+    async def _write(self, context, data: bytes, session: StreamSession) -> None:
+        """Send one (possibly merged) response. A client that stops reading fills its flow-control
+        window, and the write then waits; after the unread limit the stream ends with RESOURCE_EXHAUSTED,
+        so a stalled reader holds its memory for a bounded time only."""
+        limit = self.limits.unread_timeout_seconds
+        try:
+            if limit <= 0:
+                await context.write(data)
+                return
+            await asyncio.wait_for(context.write(data), limit)
+        except grpc.aio.AbortError:
+            raise
+        except asyncio.TimeoutError:
+            raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the client has not read its responses for {limit:g} s ({session.out.qsize()} more "
+                              "queued); read them as they come, or open a new stream") from None
+        except Exception as exc:  # grpc's batch failed: the call ended under us (the client went away)
+            log.debug("stream %s: write failed (%s); the client is gone", session.id, exc)
+            raise asyncio.CancelledError() from None
 
     def _account(self, session: StreamSession, needed: int) -> None:
         """Frame latency of a write: from the arrival of the newest sample its frames needed.
