@@ -18,6 +18,7 @@ from clients.audio import AudioFileError, read_audio, resample
 from clients.collector import TIMELINE_LEVEL, FrameCollector, flagged_stretches
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
 from clients.requests import file_requests
+from clients.retry import add_retry_args, policy_from_args, with_retry
 from clients.served_model import ServedModel, fetch
 from clients.view import ood_timeline
 from protos.sim.v2 import sim_pb2 as pb
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeline-level", default=TIMELINE_LEVEL, help="level of p_value, ood and the summary "
                                                                      "(default %(default)s)")
     add_connection_args(ap)
+    add_retry_args(ap)
     return ap
 
 
@@ -89,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.chunk_samples < 1:
         print("error: --chunk-samples must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        retry = policy_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         audio, rate = read_audio(args.audio)
@@ -113,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(max((col.count(lv) for lv in top), default=0) - bar.n)
 
         try:
-            arrays = encode_file(conn, audio, served.sample_rate, chunk_samples=args.chunk_samples,
-                                 realtime=args.realtime, levels=levels, return_logvar=args.logvar, encoding=encoding,
-                                 timeline_level=args.timeline_level, progress=progress)
+            arrays = with_retry(lambda: encode_file(
+                conn, audio, served.sample_rate, chunk_samples=args.chunk_samples, realtime=args.realtime,
+                levels=levels, return_logvar=args.logvar, encoding=encoding, timeline_level=args.timeline_level,
+                progress=progress), retry, say=lambda msg: print(msg, file=sys.stderr, flush=True))
         except grpc.RpcError as exc:
             print(f"error: the server ended the stream: {describe_rpc_error(exc)}", file=sys.stderr)
             return 1
