@@ -43,17 +43,23 @@ TOLERANCE = 1e-4
 HOP = 160
 
 
-def prepare(cache: Path) -> tuple[Path, Path, Path]:
-    """(model dir, checkpoint, corpus): a small random SIM model (32 channels, GRU 16) exported once."""
+def prepare(cache: Path, model: str | None = None, checkpoint: str | None = None,
+            corpus: str | None = None) -> tuple[Path, Path, Path]:
+    """(model dir, checkpoint, corpus): those given, else a small random SIM model (32 channels,
+    GRU 16) exported once into cache, and the bench corpus."""
     sys.path.insert(0, str(ROOT / "bench"))
     from serve_capacity import bench_corpus
 
     from export.random_model import checkpoint_of, export_random_model
     from train.model import ModelSpec
 
-    corpus = bench_corpus(cache)
-    out = export_random_model(cache / "small", corpus, ModelSpec("sim", 32, 16), decoders=("m3",), seed=1)
-    return out, checkpoint_of(out), corpus
+    corpus_dir = Path(corpus) if corpus else bench_corpus(cache)
+    if model:
+        if not checkpoint:
+            raise SystemExit("--model needs --checkpoint (the offline frames come from it)")
+        return Path(model), Path(checkpoint), corpus_dir
+    out = export_random_model(cache / "small", corpus_dir, ModelSpec("sim", 32, 16), decoders=("m3",), seed=1)
+    return out, checkpoint_of(out), corpus_dir
 
 
 def utterances(corpus: Path, n: int) -> list[np.ndarray]:
@@ -224,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--utterances", type=int, default=10, help="distinct utterances (default %(default)s)")
     ap.add_argument("--model", help="exported model directory (with --checkpoint; default: small random model)")
     ap.add_argument("--checkpoint", help="the checkpoint --model was exported from (for the offline frames)")
+    ap.add_argument("--corpus", help="corpus whose utterances the streams send (default: the bench corpus)")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "load_bench"))
     ap.add_argument("--server-args", default="", help="more options for python -m serve")
     ap.add_argument("--json", help="also write the results here")
@@ -235,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.model_dir import ModelInfo
 
     cache = Path(args.cache)
-    model_dir, ckpt, corpus = prepare(cache)
-    if args.model:
-        model_dir, ckpt = Path(args.model), Path(args.checkpoint)
+    model_dir, ckpt, corpus = prepare(cache, args.model, args.checkpoint, args.corpus)
     info = ModelInfo(model_dir, verify=False)
     lookahead = int(info.manifest["geometry"]["lookahead"])
     utts = utterances(corpus, args.utterances)

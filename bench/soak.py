@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds left out of the slopes (default: a fifth of the run, at most 120)")
     ap.add_argument("--max-rss-slope", type=float, default=1.0,
                     help="fail above this RSS slope, MiB per minute (default %(default)s)")
+    ap.add_argument("--model", help="exported model directory (with --checkpoint; default: small random model)")
+    ap.add_argument("--checkpoint", help="the checkpoint --model was exported from (for the offline frames)")
+    ap.add_argument("--corpus", help="corpus whose utterances the streams send (default: the bench corpus)")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "load_bench"))
     ap.add_argument("--json", help="also write the samples and results here")
     args = ap.parse_args(argv)
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from serve.launch import ServerProcess
 
     cache = Path(args.cache)
-    model_dir, ckpt, corpus = prepare(cache)
+    model_dir, ckpt, corpus = prepare(cache, args.model, args.checkpoint, args.corpus)
     audios = [looped(u, seconds * 16000) for u in utterances(corpus, 6) for seconds in (1, 2, 3)]
     refs_path = cache / "soak_refs.npz"
     offline_refs(ckpt, audios, refs_path)

@@ -3,9 +3,11 @@ its responses, one that vanishes with a TCP reset, a half-open connection (keepa
 the server killed with SIGKILL under load. (A failing batched step: test_serve_units.)"""
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -201,3 +203,66 @@ def test_sigkill_under_load_ends_every_client_unavailable_in_bounded_time(model,
         assert max(t for _, t in results.values()) - killed < 5.0
     finally:
         srv.close()
+
+
+def test_a_worker_process_killed_ends_its_streams_unavailable_and_the_supervisor_fails(model, speech, tmp_path):
+    """--workers 2, one worker SIGKILLed mid-stream: its streams end UNAVAILABLE at once, the other
+    worker's streams drain and finish OK, and the supervisor exits non-zero (no half-running service)."""
+    from serve.launch import metric_value
+
+    srv = ServerProcess(model[0], "--workers", "2", log_dir=tmp_path).start()
+    audio = np.tile(speech, 2)
+    results: list[grpc.StatusCode] = []
+
+    def one(i: int) -> None:
+        with grpc.insecure_channel(srv.address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            try:
+                collect(pb_grpc.SimEncoderStub(channel), file_requests(audio, SAMPLE_RATE, 480, realtime=True))
+                results.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                results.append(exc.code())
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(6)]
+    try:
+        for t in threads:
+            t.start()
+
+        def open_per_worker() -> list[float]:
+            return [metric_value(srv.metrics(p), "sim_active_streams") for p in srv.metrics_ports]
+
+        wait_for(lambda: sum(open_per_worker()) == 6, timeout=30, what="six streams open")
+        counts = open_per_worker()
+        victim_port = srv.metrics_ports[int(np.argmax(counts))]  # the worker with more streams
+        workers = [int(p) for task in Path(f"/proc/{srv.proc.pid}/task").iterdir()
+                   for p in (task / "children").read_text().split()]
+        victim = next(pid for pid in workers
+                      if _listens_on(pid, victim_port))
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        for t in threads:
+            t.join(timeout=30)
+        assert len(results) == 6, "a client hangs"
+        assert results.count(grpc.StatusCode.UNAVAILABLE) == max(counts)
+        assert results.count(grpc.StatusCode.OK) == min(counts)
+        assert srv.wait(timeout=30) != 0
+        assert time.monotonic() - killed < 30
+    finally:
+        srv.close()
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    """Whether process pid holds the listening socket of a TCP port (its metrics endpoint)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            parts = line.split()
+            if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "0A" and parts[9] in inodes:
+                return True
+    return False
