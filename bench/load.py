@@ -12,7 +12,8 @@ count equals the offline encoder's (python -m train.encode on the same audio) an
 equals it (atol 1e-4). Once all streams are open, --over more streams must each get
 RESOURCE_EXHAUSTED within 5 s. Reports streams held at once, frames lost / duplicated / wrong,
 status codes, frame latency p50/p99 (from sending the chunk that completes a top-level frame to
-receiving it), and the server's RSS and open file descriptors before (warm), at peak and after.
+receiving it), and the server's RSS and open file descriptors before, at peak and after the
+measured wave (--waves: by default one identical wave runs first, so "before" is the warm level).
 Exit status 1 if anything was lost, duplicated, wrong, refused below the limit, or RSS after is
 more than 10 % above warm.
 """
@@ -112,6 +113,7 @@ async def _client(address: str, refs_path: str, specs: list[dict], lookahead: in
     stubs = [pb_grpc.SimEncoderStub(c) for c in channels]
     stats = Counter()
     codes: Counter = Counter()
+    details: dict[str, str] = {}  # the first message of each error code
     latencies = {"slow": [], "fast": []}
     t0 = time.monotonic()
 
@@ -123,12 +125,13 @@ async def _client(address: str, refs_path: str, specs: list[dict], lookahead: in
         while pos < len(audio):
             pos = min(len(audio), pos + rng.randint(1, 2 * spec["chunk"]))
             cuts.append(pos)
+        cuts = np.asarray(cuts)
         sent_at = np.zeros(len(cuts))
 
         async def requests():
             yield pb.StreamEncodeRequest(config=pb.StreamConfig(sample_rate=16000, encoding=pb.FLOAT32))
             start, prev = time.monotonic(), 0
-            for j, end in enumerate(cuts):
+            for j, end in enumerate(cuts.tolist()):
                 delay = start + end / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -150,34 +153,36 @@ async def _client(address: str, refs_path: str, specs: list[dict], lookahead: in
                         stats["gaps"] += f.first_index - nxt[f.level]
                     nxt[f.level] = max(nxt[f.level], f.first_index + f.count)
                     got[f.level].append((f.first_index, np.array(f.mu)))
-                    if f.level == "m3":
-                        for idx in range(f.first_index, f.first_index + f.count):
-                            last = HOP * (idx + 1) + lookahead - 1
-                            j = int(np.searchsorted(cuts, last, side="right"))
-                            if j < len(cuts):
-                                latencies[spec["kind"]].append(now - sent_at[j])
+                    if f.level == "m3":  # frame i needs samples up to HOP (i + 1) + lookahead - 1
+                        last = HOP * (np.arange(f.first_index, f.first_index + f.count) + 1) + lookahead - 1
+                        j = np.searchsorted(cuts, last, side="right")
+                        latencies[spec["kind"]].append(now - sent_at[j[j < len(cuts)]])
             codes["OK"] += 1
         except grpc.aio.AioRpcError as exc:
             codes[exc.code().name] += 1
-        for lv in levels:
+            details.setdefault(exc.code().name, exc.details())
+        for lv in levels:  # every frame against the offline encoder, at once per level
             want = refs[f"{lv}_{spec['audio']}"]
+            if not got[lv]:
+                stats["lost"] += len(want)
+                continue
+            idx = np.concatenate([np.arange(first, first + len(mu)) for first, mu in got[lv]])
+            mu = np.concatenate([mu for _, mu in got[lv]])
+            inside = idx < len(want)
+            stats["extra"] += int((~inside).sum())
+            idx, mu = idx[inside], mu[inside]
             seen = np.zeros(len(want), bool)
-            for first, mu in got[lv]:
-                for i, row in enumerate(mu):
-                    idx = first + i
-                    if idx >= len(want):
-                        stats["extra"] += 1
-                        continue
-                    seen[idx] = True
-                    if not np.allclose(row, want[idx], atol=TOLERANCE, rtol=0):
-                        stats["wrong"] += 1
+            seen[idx] = True
+            stats["wrong"] += int((np.abs(mu - want[idx]).max(axis=1) > TOLERANCE).sum())
             stats["lost"] += int((~seen).sum())
             stats["frames"] += int(seen.sum())
+        await asyncio.sleep(0)
 
     await asyncio.gather(*(one(k, s) for k, s in enumerate(specs)))
     for c in channels:
         await c.close()
-    return {"stats": dict(stats), "codes": dict(codes), "latencies": {k: list(v) for k, v in latencies.items()}}
+    return {"stats": dict(stats), "codes": dict(codes), "details": details,
+            "latencies": {k: [float(x) for part in v for x in part] for k, v in latencies.items()}}
 
 
 # --- the parent --------------------------------------------------------------------------------
@@ -226,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hold", type=float, default=60.0, help="seconds each stream lasts (default %(default)s)")
     ap.add_argument("--ramp", type=float, default=10.0, help="streams start spread over this many seconds")
     ap.add_argument("--slow-rate", type=float, default=160.0, help="samples per second a slow stream sends")
+    ap.add_argument("--waves", type=int, default=2,
+                    help="runs of all streams; the last is measured, RSS 'before' is after the ones before it "
+                         "(the warm level: pools and allocator arenas grown to this load) (default %(default)s)")
     ap.add_argument("--over", type=int, default=20, help="streams opened above the limit at the peak")
     ap.add_argument("--utterances", type=int, default=10, help="distinct utterances (default %(default)s)")
     ap.add_argument("--model", help="exported model directory (with --checkpoint; default: small random model)")
@@ -262,15 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     server = ServerProcess(model_dir, "--max-streams", str(total), "--log-level", "warning",
                            *shlex.split(args.server_args), log_dir=cache).start(timeout=300)
     sampler = Sampler(server)
-    try:
-        # warm-up: a few fast streams once, then the warm RSS
-        q = mp.get_context("spawn").Queue()
-        warm = [dict(s, start=0.0) for s in specs if s["kind"] == "fast"][:4]
-        client_process(server.address, str(refs), warm, lookahead, q)
-        q.get()
-        time.sleep(2)
-        before = (server.rss_bytes(), server.open_fds())
-        sampler.start()
+
+    def wave(probe: bool) -> tuple[list[dict], float, Counter, float, tuple[int, int]]:
+        """All streams once; (client results, streams open at once, over-limit codes, seconds, (RSS, fds)
+        once they have ended and the server has been idle a few seconds)."""
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         t0 = time.monotonic()
@@ -284,32 +287,47 @@ def main(argv: list[str] | None = None) -> int:
             if any(not p.is_alive() for p in procs):
                 break
             time.sleep(0.5)
-        held_at = server.metric("sim_active_streams")
-        over = probe_over_limit(server.address, args.over) if held_at >= total else Counter({"not probed": args.over})
-        results = [q.get(timeout=args.hold + args.ramp + 600) for _ in procs]
+        held = server.metric("sim_active_streams")
+        over = Counter()
+        if probe:
+            over = probe_over_limit(server.address, args.over) if held >= total else Counter({"not probed": args.over})
+        results = [q.get(timeout=args.hold + args.ramp + 900) for _ in procs]
         for p in procs:
             p.join(timeout=30)
         elapsed = time.monotonic() - t0
-        wait_end = time.monotonic() + 30
+        wait_end = time.monotonic() + 60
         while server.metric("sim_active_streams") > 0 and time.monotonic() < wait_end:
             time.sleep(0.5)
-        time.sleep(5)
-        after = (server.rss_bytes(), server.open_fds())
+        time.sleep(5)  # the server trims its heap after 2 s without streams
+        return results, held, over, elapsed, (server.rss_bytes(), server.open_fds())
+
+    try:
+        cold = (server.rss_bytes(), server.open_fds())
+        sampler.start()
+        if args.waves > 1:  # the first wave grows the pools and arenas to their size for this load
+            for w in range(args.waves - 1):
+                print(f"warm-up wave {w + 1} ...", file=sys.stderr, flush=True)
+                wave(probe=False)
+        before = (server.rss_bytes(), server.open_fds())
+        t_measured = time.monotonic()
+        results, held_at, over, elapsed, after = wave(probe=True)
     finally:
         sampler.stop.set()
         server.stop(timeout=60)
     fatal = [r["fatal"] for r in results if "fatal" in r]
-    stats, codes, lat = Counter(), Counter(), {"slow": [], "fast": []}
+    stats, codes, lat, details = Counter(), Counter(), {"slow": [], "fast": []}, {}
     for r in results:
         if "fatal" in r:
             continue
         stats.update(r["stats"])
         codes.update(r["codes"])
+        details.update(r["details"])
         for k in lat:
             lat[k] += r["latencies"][k]
-    peak_rss = max([s[1] for s in sampler.samples] + [before[0]])
-    peak_fds = max([s[2] for s in sampler.samples] + [before[1]])
-    peak_streams = max([s[3] for s in sampler.samples] + [held_at])
+    measured = [x for x in sampler.samples if x[0] >= t_measured]
+    peak_rss = max([x[1] for x in measured] + [before[0]])
+    peak_fds = max([x[2] for x in measured] + [before[1]])
+    peak_streams = max([x[3] for x in measured] + [held_at])
 
     def pct(v, q):
         return float(np.percentile(np.asarray(v) * 1000, q)) if v else float("nan")
@@ -321,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         "slow": args.slow, "fast": args.fast, "procs": args.procs, "hold_s": args.hold, "elapsed_s": round(elapsed, 1),
         "streams_held_at_once": int(peak_streams), "frames_checked": stats["frames"], "lost": stats["lost"],
         "duplicated": stats["duplicated"], "gaps": stats["gaps"], "wrong": stats["wrong"], "extra": stats["extra"],
-        "codes": dict(codes), "over_limit": dict(over), "fatal": fatal,
+        "codes": dict(codes), "error_details": details, "over_limit": dict(over), "fatal": fatal,
         "latency_ms": {k: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for k, v in lat.items()},
-        "rss_mib": {"before": before[0] / 2**20, "peak": peak_rss / 2**20, "after": after[0] / 2**20},
+        "waves": args.waves, "rss_mib": {"cold": cold[0] / 2**20, "before": before[0] / 2**20,
+                                         "peak": peak_rss / 2**20, "after": after[0] / 2**20},
         "fds": {"before": before[1], "peak": peak_fds, "after": after[1]},
     }
     rss_ok = after[0] <= 1.10 * before[0]
@@ -340,9 +359,12 @@ def main(argv: list[str] | None = None) -> int:
           f"out of order {s['gaps']}, wrong {s['wrong']}, extra {s['extra']}")
     for k, v in s["latency_ms"].items():
         print(f"frame latency, {k} streams: p50 {v['p50']:.1f} ms, p99 {v['p99']:.1f} ms ({v['n']} frames)")
-    print(f"server RSS MiB before/peak/after: {s['rss_mib']['before']:.0f} / {s['rss_mib']['peak']:.0f} / "
-          f"{s['rss_mib']['after']:.0f} ({100 * (after[0] / before[0] - 1):+.1f} %); fds before/peak/after: "
+    mib = s["rss_mib"]
+    print(f"server RSS MiB cold {mib['cold']:.0f}; warm before/peak/after: {mib['before']:.0f} / {mib['peak']:.0f} / "
+          f"{mib['after']:.0f} ({100 * (after[0] / before[0] - 1):+.1f} %); fds before/peak/after: "
           f"{before[1]} / {peak_fds} / {after[1]}")
+    for code, text in details.items():
+        print(f"  {code}: {text}")
     if fatal:
         print("client process failures: " + "; ".join(fatal))
     print("PASS" if s["pass"] else "FAIL")

@@ -16,6 +16,7 @@ from serve.audio_codec import check_encoding, check_length
 from serve.batcher import Batcher
 from serve.decoders import DecoderBank
 from serve.errors import StreamError, outcome_label
+from serve.memory import release_free_memory
 from serve.metrics import Metrics
 from serve.onnx_sessions import providers
 from serve.session import END, StreamSession
@@ -23,6 +24,7 @@ from serve.session import END, StreamSession
 log = logging.getLogger("serve")
 
 API_VERSION = pb.DESCRIPTOR.package  # "sim.v2"
+IDLE_TRIM_S = 2.0  # seconds without open streams before freed memory goes back to the system
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         self.draining = False
         self.active = 0
         self._sessions: set[StreamSession] = set()
+        self._trim_handle: asyncio.TimerHandle | None = None
 
     # --- StreamEncode ------------------------------------------------------------------------
     async def StreamEncode(self, request_iterator, context):
@@ -97,6 +100,8 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                 self.active -= 1
                 self.metrics.active_streams.dec()
                 self.metrics.streams.labels(outcome_label(code) if code is not None else "internal").inc()
+                if self.active == 0:
+                    self._trim_when_idle()
 
         try:
             if self.draining:
@@ -149,6 +154,19 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             raise
         finally:
             finish()
+
+    def _trim_when_idle(self, after_s: float = IDLE_TRIM_S) -> None:
+        """Once no stream has been open for after_s, give the freed heap back to the system (so RSS
+        returns to its level before a burst of streams)."""
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+
+        def trim() -> None:
+            self._trim_handle = None
+            if self.active == 0:
+                release_free_memory()
+
+        self._trim_handle = asyncio.get_running_loop().call_later(after_s, trim)
 
     def _release(self, session: StreamSession | None, reader: asyncio.Task | None) -> None:
         """Free a stream's state: its reader, its queued responses, its audio and recurrent state
