@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         before = (server.rss_bytes(), server.open_fds())
         t_measured = time.monotonic()
         results, held_at, over, elapsed, after = wave(probe=True)
+        page = server.metrics()
+        server_outcomes = {line.split('"')[1]: float(line.split()[-1]) for line in page.splitlines()
+                           if line.startswith("sim_streams_total{")}
     finally:
         sampler.stop.set()
         server.stop(timeout=60)
@@ -339,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "slow": args.slow, "fast": args.fast, "procs": args.procs, "hold_s": args.hold, "elapsed_s": round(elapsed, 1),
         "streams_held_at_once": int(peak_streams), "frames_checked": stats["frames"], "lost": stats["lost"],
         "duplicated": stats["duplicated"], "gaps": stats["gaps"], "wrong": stats["wrong"], "extra": stats["extra"],
-        "codes": dict(codes), "error_details": details, "over_limit": dict(over), "fatal": fatal,
+        "codes": dict(codes), "error_details": details, "server_outcomes": server_outcomes,
+        "over_limit": dict(over), "fatal": fatal,
         "latency_ms": {k: {"p50": pct(v, 50), "p99": pct(v, 99), "n": len(v)} for k, v in lat.items()},
         "waves": args.waves, "rss_mib": {"cold": cold[0] / 2**20, "before": before[0] / 2**20,
                                          "peak": peak_rss / 2**20, "after": after[0] / 2**20},
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server RSS MiB cold {mib['cold']:.0f}; warm before/peak/after: {mib['before']:.0f} / {mib['peak']:.0f} / "
           f"{mib['after']:.0f} ({100 * (after[0] / before[0] - 1):+.1f} %); fds before/peak/after: "
           f"{before[1]} / {peak_fds} / {after[1]}")
+    print(f"outcomes counted by the server (all waves, over-limit probes included): {server_outcomes}")
     for code, text in details.items():
         print(f"  {code}: {text}")
     if fatal:
