@@ -7,9 +7,11 @@ import subprocess
 
 from support.serving import PY, ROOT
 
-# A leak of the order of one stream's audio per stream (3 s at 64 KB/s, about 2 streams a second:
-# over 20 MiB a minute) fails; allocator warm-up and the stalled client's buffers stay below it.
-CI_RSS_SLOPE_MIB_PER_MIN = 15.0
+# Over 30 s windows of the 30-minute soak (docs/reliability.md) RSS slopes reached 17 MiB/min at the 99th
+# percentile (a sawtooth: the never-reading clients' buffers come and go), so a short run can only catch
+# gross leaks: one of more than 25 MiB a minute (e.g. keeping each stream's audio, 3 s at 64 KB/s, at
+# over two streams a second). The 30-minute run is the real leak check.
+CI_RSS_SLOPE_MIB_PER_MIN = 25.0
 
 
 def bench(script: str, model, corpus, tmp_path, *args: str) -> dict:
