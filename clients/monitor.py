@@ -11,6 +11,7 @@ flagged frames of one level over the last --window seconds) and writes JSON-line
   {"event": "clear", ...}       when it drops below again
   {"event": "end", "source", "seconds", "frames", "flagged", "max_rate", "alerts", "wall"}
   {"event": "error", "source", "message", "wall"}
+  {"event": "retry", "source", "message", "wall"}   (--retry: the stream is opened again from the start)
 
 Exports its own Prometheus counters with --metrics-port. With --once it processes the files
 given (and those already in --watch) and exits: 0 no alert, 1 at least one alert, 3 a source
@@ -34,6 +35,7 @@ from clients.audio import AudioFileError, load_audio
 from clients.collector import TIMELINE_LEVEL
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
 from clients.requests import file_requests
+from clients.retry import RetryPolicy, add_retry_args, policy_from_args, with_retry
 from clients.served_model import ServedModel, fetch
 from protos.sim.v2 import codec
 
@@ -115,7 +117,8 @@ class EventLog:
 
 class Monitor:
     def __init__(self, conn, served: ServedModel, events: EventLog, metrics: MonitorMetrics, level: str,
-                 window_s: float, alert_rate: float, realtime: bool = False, chunk_samples: int = 1600):
+                 window_s: float, alert_rate: float, realtime: bool = False, chunk_samples: int = 1600,
+                 retry: RetryPolicy | None = None):
         self.conn = conn
         self.sample_rate = served.sample_rate
         self.events = events
@@ -126,6 +129,7 @@ class Monitor:
         self.alert_rate = alert_rate
         self.realtime = realtime
         self.chunk_samples = chunk_samples
+        self.retry = retry or RetryPolicy()
         self.alerts = 0
         self.failures = 0
         self._lock = threading.Lock()
@@ -139,11 +143,16 @@ class Monitor:
         self.metrics.active.inc()
         try:
             audio = load_audio(path, self.sample_rate)
-            tracker = self.tracker(source)
-            requests = file_requests(audio, self.sample_rate, self.chunk_samples, realtime=self.realtime,
-                                     levels=[self.level])
-            for resp in self.conn.stub.StreamEncode(requests, metadata=self.conn.metadata):
-                tracker.add(resp)
+
+            def attempt():
+                tracker = self.tracker(source)
+                requests = file_requests(audio, self.sample_rate, self.chunk_samples, realtime=self.realtime,
+                                         levels=[self.level])
+                for resp in self.conn.stub.StreamEncode(requests, metadata=self.conn.metadata):
+                    tracker.add(resp)
+                return tracker
+
+            tracker = with_retry(attempt, self.retry, lambda msg: self.events.emit("retry", source=source, message=msg))
             tracker.finish(len(audio) / self.sample_rate)
         except AudioFileError as exc:
             self.failed(source, str(exc))
@@ -256,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--parallel", type=int, default=4, help="files streamed at once (default %(default)s)")
     ap.add_argument("--poll", type=float, default=1.0, help="seconds between looks at --watch (default %(default)s)")
     add_connection_args(ap)
+    add_retry_args(ap)
     return ap
 
 
@@ -275,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         return usage("--alert-rate must be in (0, 1]")
     if args.window <= 0 or args.parallel < 1 or args.poll <= 0:
         return usage("--window, --parallel and --poll must be positive")
+    try:
+        retry = policy_from_args(args)
+    except ValueError as exc:
+        return usage(str(exc))
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
         return usage(f"no such file: {', '.join(missing)}")
@@ -298,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         port = metrics.serve(args.metrics_port)
         print(f"monitor metrics on http://127.0.0.1:{port}/metrics", file=sys.stderr, flush=True)
     monitor = Monitor(conn, served, EventLog(out), metrics, args.level, args.window, args.alert_rate,
-                      realtime=args.realtime)
+                      realtime=args.realtime, retry=retry)
     files = [Path(f) for f in args.files]
     watcher = DirectoryWatcher(watch) if watch is not None else None
     if watcher is not None and args.once:

@@ -24,6 +24,7 @@ from clients.collector import TIMELINE_LEVEL, FrameCollector, flagged_stretches
 from clients.connection import ClientError, add_connection_args, connect, describe_rpc_error
 from clients.npz_stream import NpzStream
 from clients.requests import file_requests
+from clients.retry import add_retry_args, policy_from_args, with_retry
 from clients.served_model import ServedModel, fetch
 from clients.view import ood_timeline
 from protos.sim.v2 import sim_pb2 as pb
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeline-level", default=TIMELINE_LEVEL, help="level of p_value, ood and the summary "
                                                                      "(default %(default)s)")
     add_connection_args(ap)
+    add_retry_args(ap)
     return ap
 
 
@@ -115,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.chunk_samples < 1:
         print("error: --chunk-samples must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        retry = policy_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         audio, rate = read_audio(args.audio)
@@ -147,10 +154,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.dtype}; --levels and --dtype float16 make it smaller)", file=sys.stderr)
     timeline_level = args.timeline_level if not levels or args.timeline_level in levels else next(
         lv for lv in reversed(list(served.levels)) if lv in levels)
-    sink = NpzStream(out, args.dtype)
-    collector = FrameCollector(timeline_level, sink=sink)
     total = max(1, int(np.ceil(len(audio) / served.hop)))
     top = [lv for lv, spec in served.levels.items() if spec.hop_samples == served.hop]  # frames of a hop
+    attempt: dict = {}  # the current attempt's sink and collector: a retry starts the file again
     error = None
     try:
         with progress_bar(total) as bar:
@@ -158,16 +164,27 @@ def main(argv: list[str] | None = None) -> int:
                 if bar is not None:
                     bar.update(max((col.count(lv) for lv in top), default=0) - bar.n)
 
-            stream_into(collector, conn, audio, served.sample_rate, chunk_samples=args.chunk_samples,
-                        realtime=args.realtime, levels=levels, return_logvar=args.logvar, encoding=encoding,
-                        progress=progress)
+            def one_attempt() -> None:
+                if attempt:
+                    attempt["sink"].discard()
+                    if bar is not None:
+                        bar.reset()
+                attempt["sink"] = NpzStream(out, args.dtype)
+                attempt["collector"] = FrameCollector(timeline_level, sink=attempt["sink"])
+                stream_into(attempt["collector"], conn, audio, served.sample_rate, chunk_samples=args.chunk_samples,
+                            realtime=args.realtime, levels=levels, return_logvar=args.logvar, encoding=encoding,
+                            progress=progress)
+
+            with_retry(one_attempt, retry, say=lambda msg: print(msg, file=sys.stderr, flush=True))
     except grpc.RpcError as exc:
         error = exc
     except BaseException:
-        sink.discard()
+        if attempt:
+            attempt["sink"].discard()
         raise
     finally:
         conn.close()
+    sink, collector = attempt["sink"], attempt["collector"]
     timeline = collector.arrays()
     sink.close({k: timeline[k] for k in ("p_value", "ood") if k in timeline})
     print(summary(args.audio, collector, len(audio), timeline_level, served))

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--token-file", help="file holding a bearer token; calls must send 'authorization: Bearer TOKEN' "
                                          "(the health service stays open)")
     d = Limits()
+    from serve.server import ServerOptions
+
+    o = ServerOptions(model_dir="")
     ap.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                     help="largest request message; larger ones end the call with RESOURCE_EXHAUSTED (default %(default)s)")
     ap.add_argument("--max-streams", type=int, default=d.max_streams, help="concurrent streams; more get RESOURCE_EXHAUSTED (default %(default)s)")
@@ -46,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="request metadata (headers) per call; larger is refused (default %(default)s)")
     ap.add_argument("--idle-timeout", type=float, default=d.idle_timeout_seconds,
                     help="seconds a stream may send nothing before it ends with OUT_OF_RANGE (0: no limit) (default %(default)s)")
+    ap.add_argument("--unread-timeout", type=float, default=d.unread_timeout_seconds,
+                    help="seconds a stream's responses may go unread (the client stopped reading) before the stream "
+                         "ends with RESOURCE_EXHAUSTED (0: no limit) (default %(default)s)")
+    ap.add_argument("--keepalive", type=float, default=o.keepalive_seconds,
+                    help="seconds between HTTP/2 pings on every connection; a peer that vanished without closing "
+                         "(no FIN or RST) is detected by an unanswered ping and its streams freed (0: no pings) "
+                         "(default %(default)s)")
+    ap.add_argument("--keepalive-timeout", type=float, default=o.keepalive_timeout_seconds,
+                    help="seconds a ping may go unanswered before the connection is closed (default %(default)s)")
     ap.add_argument("--drain-grace", type=float, default=30.0, help="seconds open streams get to finish on SIGTERM (default %(default)s)")
     ap.add_argument("--threads", type=int, default=None,
                     help="onnxruntime intra-op threads (default: 1 for an int8 step, which then leaves the other "
@@ -90,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("max_streams_per_connection", "max_streams_per_peer"):
         if getattr(args, flag) < 0:
             return fail(f"--{flag.replace('_', '-')} must not be negative")
-    if args.idle_timeout < 0 or args.drain_grace < 0 or args.batch_wait_ms < 0:
-        return fail("--idle-timeout, --drain-grace and --batch-wait-ms must not be negative")
+    if min(args.idle_timeout, args.unread_timeout, args.keepalive, args.drain_grace, args.batch_wait_ms) < 0:
+        return fail("--idle-timeout, --unread-timeout, --keepalive, --drain-grace and --batch-wait-ms must not be "
+                    "negative")
+    if args.keepalive_timeout <= 0:
+        return fail("--keepalive-timeout must be positive")
     if args.threads is not None and args.threads < 1:
         return fail("--threads must be at least 1")
     if args.workers < 1:
@@ -112,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
     opts = ServerOptions(
         model_dir=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token, drain_grace_seconds=args.drain_grace,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, token=token,
+        drain_grace_seconds=args.drain_grace,
+        keepalive_seconds=args.keepalive, keepalive_timeout_seconds=args.keepalive_timeout,
         threads=args.threads, spin=args.spin, reuse_port=args.reuse_port, batch_wait_s=args.batch_wait_ms / 1000.0,
         limits=Limits(max_message_bytes=args.max_message_bytes, max_streams=args.max_streams,
                       max_stream_seconds=args.max_stream_seconds, idle_timeout_seconds=args.idle_timeout,
+                      unread_timeout_seconds=args.unread_timeout,
                       max_streams_per_connection=args.max_streams_per_connection,
                       max_streams_per_peer=args.max_streams_per_peer, max_metadata_bytes=args.max_metadata_bytes))
     try:

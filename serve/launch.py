@@ -1,6 +1,6 @@
 """`python -m serve` in a subprocess, for whatever drives a real server from outside (the tests,
 bench/serve_capacity.py): started on free loopback ports, ready once it has printed its ready
-lines (serve.announce), its Prometheus metrics read back, its CPU time counted, stopped.
+lines (serve.announce), its Prometheus metrics read back, its CPU time, memory and descriptors counted, stopped.
 """
 from __future__ import annotations
 
@@ -107,6 +107,17 @@ class ServerProcess:
                 continue
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process now (VmRSS; with --workers: the supervisor only)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def open_fds(self) -> int:
+        """File descriptors the server process holds now (sockets, files, pipes)."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def signal(self, sig=signal.SIGTERM) -> None:
         self.proc.send_signal(sig)

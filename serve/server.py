@@ -23,6 +23,7 @@ from serve.servicer import CORE_LIMIT_FACTOR, Limits, SimEncoderServicer, add_se
 
 log = logging.getLogger("serve")
 
+CLIENT_PING_MIN_S = 10.0  # clients' keepalive pings may come this often; faster ones count as abuse
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SimEncoder"].full_name  # "sim.v2.SimEncoder"
 
 
@@ -38,6 +39,8 @@ class ServerOptions:
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     drain_grace_seconds: float = 30.0
+    keepalive_seconds: float = 30.0  # HTTP/2 ping on every connection this often (0: none)
+    keepalive_timeout_seconds: float = 10.0  # a ping unanswered this long closes the connection and its streams
     threads: int | None = None  # onnxruntime intra-op threads (None: auto_threads())
     reuse_port: bool = False  # SO_REUSEPORT: other processes may serve the same port (serve.workers)
     spin: bool = True  # onnxruntime's threads busy-wait between steps (lower tail latency; a core when idle)
@@ -81,6 +84,7 @@ class Server:
             # both grpc limits: above the soft one calls are refused at random, above the absolute one always
             ("grpc.max_metadata_size", int(opts.limits.max_metadata_bytes)),
             ("grpc.absolute_max_metadata_size", int(opts.limits.max_metadata_bytes)),
+            *keepalive_options(opts.keepalive_seconds, opts.keepalive_timeout_seconds),
         ])
         add_servicer(self.servicer, self._server)
         self.health = health_aio.HealthServicer()
@@ -150,6 +154,22 @@ class Server:
             ready(self)
         await self.wait()
         await self.drain()
+
+
+def keepalive_options(every_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """gRPC server options for keepalive pings: a peer that vanished without closing its connection
+    (power loss, a dropped network path: no FIN, no RST) is detected within every_s + timeout_s and
+    its streams end (CANCELLED) and free their state. Clients may ping every CLIENT_PING_MIN_S."""
+    opts = [("grpc.http2.min_recv_ping_interval_without_data_ms", int(CLIENT_PING_MIN_S * 1000)),
+            ("grpc.http2.max_ping_strikes", 2)]
+    if every_s > 0:
+        opts += [("grpc.keepalive_time_ms", int(every_s * 1000)),
+                 ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+                 ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+                 ("grpc.keepalive_permit_without_calls", 1),  # idle connections too
+                 ("grpc.http2.max_pings_without_data", 0),  # keep pinging a connection that sends nothing
+                 ("grpc.http2.min_sent_ping_interval_without_data_ms", int(every_s * 1000))]
+    return opts
 
 
 def auto_threads(model_dir: str) -> int | None:

@@ -17,6 +17,7 @@ from serve.audio_codec import check_encoding, check_length
 from serve.batcher import Batcher
 from serve.decoders import DecoderBank
 from serve.errors import StreamError, outcome_label
+from serve.memory import release_free_memory
 from serve.metrics import Metrics
 from serve.onnx_sessions import providers
 from serve.session import END, StreamSession
@@ -28,6 +29,7 @@ API_VERSION = pb.DESCRIPTOR.package  # "sim.v2"
 # into memory; the servicer refuses those between the two with RESOURCE_EXHAUSTED. (A call gRPC
 # refuses reaches the servicer as cancelled, without the reason: it is counted as cancelled.)
 CORE_LIMIT_FACTOR = 4
+IDLE_TRIM_S = 2.0  # seconds without open streams before freed memory goes back to the system
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Limits:
     max_streams_per_connection: int = 0  # 0: only max_streams
     max_streams_per_peer: int = 0  # streams from one client address, all its connections together; 0: no limit
     max_metadata_bytes: int = 8192  # request metadata (headers) per call
+    unread_timeout_seconds: float = 30.0  # a write the client leaves untaken this long ends the stream
 
 
 def peer_host(peer: str) -> str:
@@ -98,6 +101,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         self._sessions: set[StreamSession] = set()
         self._per_connection: Counter[str] = Counter()  # open streams by context.peer() ("ipv4:HOST:PORT")
         self._per_peer: Counter[str] = Counter()  # by client address (HOST)
+        self._trim_handle: asyncio.TimerHandle | None = None
 
     # --- StreamEncode ------------------------------------------------------------------------
     async def StreamEncode(self, request_iterator, context):
@@ -110,6 +114,24 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         self._per_connection[connection] += 1
         self._per_peer[peer] += 1
         self.metrics.active_streams.inc()
+        finished = False
+
+        def finish() -> None:
+            """Free the stream's state and its slot, count its outcome (once)."""
+            nonlocal finished
+            if not finished:
+                finished = True
+                self._release(session, reader)
+                self.active -= 1
+                for counts, key in ((self._per_connection, connection), (self._per_peer, peer)):
+                    counts[key] -= 1
+                    if counts[key] <= 0:
+                        del counts[key]
+                self.metrics.active_streams.dec()
+                self.metrics.streams.labels(outcome_label(code) if code is not None else "internal").inc()
+                if self.active == 0:
+                    self._trim_when_idle()
+
         try:
             if self.draining:
                 raise StreamError(grpc.StatusCode.UNAVAILABLE, "server is draining (shutting down); retry "
@@ -144,7 +166,7 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
                         break
                     resp += nxt[0]
                     needed = nxt[1]
-                await context.write(resp)
+                await self._write(context, resp, session)
                 self._account(session, needed)
                 if session.held:  # its responses are read again: step it again
                     self.batcher.notify()
@@ -156,23 +178,48 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
         except StreamError as err:
             code = err.code
             log.info("stream %s ended: %s %s", session.id if session else "-", err.code.name, err.message)
-            await context.abort(err.code, err.message)
+            finish()  # before the status, which a client that stopped reading delays
+            await self._abort(context, err)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         finally:
-            if reader is not None:
-                reader.cancel()
-            if session is not None:
-                self.batcher.remove(session)
-                self._sessions.discard(session)
-            self.active -= 1
-            for counts, key in ((self._per_connection, connection), (self._per_peer, peer)):
-                counts[key] -= 1
-                if counts[key] <= 0:
-                    del counts[key]
-            self.metrics.active_streams.dec()
-            self.metrics.streams.labels(outcome_label(code) if code is not None else "internal").inc()
+            finish()
+
+    def _trim_when_idle(self, after_s: float = IDLE_TRIM_S) -> None:
+        """Once no stream has been open for after_s, give the freed heap back to the system (so RSS
+        returns to its level before a burst of streams)."""
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+
+        def trim() -> None:
+            self._trim_handle = None
+            if self.active == 0:
+                release_free_memory()
+
+        self._trim_handle = asyncio.get_running_loop().call_later(after_s, trim)
+
+    def _release(self, session: StreamSession | None, reader: asyncio.Task | None) -> None:
+        """Free a stream's state: its reader, its queued responses, its audio and recurrent state
+        in the engine (idempotent)."""
+        if reader is not None:
+            reader.cancel()
+        if session is not None:
+            self.batcher.remove(session)
+            self._sessions.discard(session)
+            while not session.out.empty():
+                session.out.get_nowait()
+
+    @staticmethod
+    async def _abort(context, err: StreamError) -> None:
+        """End the call with err's status. The status goes out after any write still pending: to a
+        client that stopped reading, once it reads again or disconnects."""
+        try:
+            await context.abort(err.code, err.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # grpc's batch failed: the client is gone, nobody is left to tell
+            log.debug("stream ended by %s; the client was gone", err.code.name)
 
     def _check_client_limits(self, connection: str, peer: str) -> None:
         lim = self.limits
@@ -287,6 +334,26 @@ class SimEncoderServicer(pb_grpc.SimEncoderServicer):
             raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"Received message larger than max ({size} vs. {self.limits.max_message_bytes}): "
                               "send smaller audio messages (Info.limits.max_message_bytes)")
+
+    async def _write(self, context, data: bytes, session: StreamSession) -> None:
+        """Send one (possibly merged) response. A client that stops reading fills its flow-control
+        window, and the write then waits; after the unread limit the stream ends with RESOURCE_EXHAUSTED,
+        so a stalled reader holds its memory for a bounded time only."""
+        limit = self.limits.unread_timeout_seconds
+        try:
+            if limit <= 0:
+                await context.write(data)
+                return
+            await asyncio.wait_for(context.write(data), limit)
+        except grpc.aio.AbortError:
+            raise
+        except asyncio.TimeoutError:
+            raise StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the client has not read its responses for {limit:g} s ({session.out.qsize()} more "
+                              "queued); read them as they come, or open a new stream") from None
+        except Exception as exc:  # grpc's batch failed: the call ended under us (the client went away)
+            log.debug("stream %s: write failed (%s); the client is gone", session.id, exc)
+            raise asyncio.CancelledError() from None
 
     def _account(self, session: StreamSession, needed: int) -> None:
         """Frame latency of a write: from the arrival of the newest sample its frames needed.

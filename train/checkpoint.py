@@ -15,6 +15,7 @@ A checkpoint is a dict:
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -44,20 +45,29 @@ def code_version() -> str:
 
 
 def save_atomic(obj: dict, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    """Write to a temporary file in the same folder, fsync, then rename over the target: a crash or
+    a full disk at any moment leaves the previous file whole. A failed write raises CheckpointError
+    naming the file (the temporary file is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch reports a failed write as a RuntimeError
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            free = shutil.disk_usage(path.parent).free / 2**20
+            kept = f"; the previous {path.name} is kept" if path.exists() else ""
+            raise CheckpointError(f"{path}: could not be written ({why}; {free:.0f} MiB free on its disk, or a "
+                                  f"file-size limit){kept}") from exc
         raise
 
 
