@@ -211,7 +211,8 @@ def check_stream(channel, first_config, messages) -> None:
     if samples is None or not requests:
         return
     levels = tuple(first_config[2]) or LEVELS
-    want = level_frames(samples)
+    # a stream without a sample ends with no frames (the offline encoder pads it to one)
+    want = level_frames(samples) if samples else dict.fromkeys(levels, 0)
     for level in levels:
         assert col.count(level) == want[level], f"level {level}: {col.count(level)} frames for {samples} samples"
         mu = col.column(level, "mu")
