@@ -2,8 +2,10 @@
 
 A stream's state lives in the server that served it, so a stream cut by a server that died,
 restarted or drained (UNAVAILABLE) cannot be resumed: the retry opens a new stream and sends the
-audio again from its start (frame indices start at 0 again). Other codes are the request's own
-fault or a limit, and are not retried.
+audio again from its start (frame indices start at 0 again). Behind an HTTP/2 proxy such as nginx,
+a stream whose server died after its first response is reset by the proxy instead, which gRPC
+reports as INTERNAL with "RST_STREAM" in its details: that is retried too. Other codes are the
+request's own fault or a limit, and are not retried.
 """
 from __future__ import annotations
 
@@ -20,6 +22,15 @@ from clients.connection import describe_rpc_error
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 T = TypeVar("T")
+
+
+def retryable(exc: grpc.RpcError) -> bool:
+    """Whether the stream ended because its server went away (module docstring)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    if code in RETRYABLE:
+        return True
+    details = (exc.details() if hasattr(exc, "details") else "") or ""
+    return code == grpc.StatusCode.INTERNAL and "RST_STREAM" in details
 
 
 @dataclass(frozen=True)
@@ -39,8 +50,9 @@ class RetryPolicy:
 def add_retry_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("retry")
     g.add_argument("--retry", type=int, default=0, metavar="N",
-                   help="when the server ends a stream with UNAVAILABLE (it died, restarted or is draining), open a "
-                        "new stream up to N times and send the audio again from its start (default %(default)s)")
+                   help="when the server ends a stream with UNAVAILABLE (it died, restarted or is draining; behind "
+                        "a proxy: a reset stream), open a new stream up to N times and send the audio again from its "
+                        "start (default %(default)s)")
     g.add_argument("--retry-backoff", type=float, default=RetryPolicy.first_delay_s, metavar="S",
                    help="seconds before the first retry; each next wait doubles, up to "
                         f"{RetryPolicy.max_delay_s:g} s (default %(default)s)")
@@ -61,8 +73,7 @@ def with_retry(attempt: Callable[[], T], policy: RetryPolicy, say: Callable[[str
         try:
             return attempt()
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            if code not in RETRYABLE or retry >= policy.retries:
+            if not retryable(exc) or retry >= policy.retries:
                 raise
             retry += 1
             wait = policy.delay(retry)

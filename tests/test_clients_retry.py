@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from clients.retry import RetryPolicy, with_retry
+from clients.retry import RetryPolicy, retryable, with_retry
 from serve.launch import ServerProcess
 from serve.workers import free_port
 from support.serving import PY, ROOT, offline, wait_for
@@ -24,14 +24,20 @@ def test_backoff_doubles_up_to_its_cap_and_only_unavailable_is_retried():
     import grpc
 
     class Ended(grpc.RpcError):
-        def __init__(self, code):
-            self._code = code
+        def __init__(self, code, details="test"):
+            self._code, self._details = code, details
 
         def code(self):
             return self._code
 
         def details(self):
-            return "test"
+            return self._details
+
+    # a proxy's reset of a stream whose server died is retried; other INTERNAL errors are not
+    reset = "Stream removed (RST_STREAM with error code 2)"
+    assert retryable(Ended(grpc.StatusCode.INTERNAL, reset)) and retryable(Ended(grpc.StatusCode.UNAVAILABLE))
+    assert not retryable(Ended(grpc.StatusCode.INTERNAL, "Exception iterating responses"))
+    assert not retryable(Ended(grpc.StatusCode.RESOURCE_EXHAUSTED, reset))
 
     calls, said, slept = [], [], []
 
