@@ -71,3 +71,15 @@ def test_a_truncated_checkpoint_is_refused_by_resume_and_export(model, tmp_path)
     res = run("-m", "export.onnx", run_dir / "checkpoint.pt", "--out", tmp_path / "export")
     assert res.returncode != 0 and "checkpoint.pt" in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not (tmp_path / "export" / "manifest.json").exists()
+
+
+def test_a_save_removes_what_a_save_killed_mid_write_left(tmp_path):
+    from train.checkpoint import save_atomic
+
+    target = tmp_path / "checkpoint.pt"
+    left = tmp_path / "checkpoint.pt.abc123.tmp"  # what SIGKILL during torch.save leaves behind
+    left.write_bytes(b"half a checkpoint")
+    other = tmp_path / "decoder.pt.xyz.tmp"  # another file's temporary is not ours to remove
+    other.write_bytes(b"x")
+    save_atomic({"step": 1}, target)
+    assert target.is_file() and not left.exists() and other.exists()

@@ -47,7 +47,8 @@ def code_version() -> str:
 def save_atomic(obj: dict, path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the target: a crash or
     a full disk at any moment leaves the previous file whole. A failed write raises CheckpointError
-    naming the file (the temporary file is removed)."""
+    naming the file (the temporary file is removed); a successful one removes the temporary files of
+    earlier saves that were killed mid-write (one writer per checkpoint path is assumed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
@@ -59,6 +60,8 @@ def save_atomic(obj: dict, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(tmp, path)
+        for stale in path.parent.glob(path.name + ".*.tmp"):  # left by saves killed mid-write
+            stale.unlink(missing_ok=True)
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
