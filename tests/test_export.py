@@ -273,7 +273,7 @@ def test_a_model_trained_on_a_folder_is_calibrated_on_its_held_out_tenth(tmp_pat
         write_audio(folder / f"{i:02d}.wav", 12_000 + i)
     ckpt = tmp_path / "own.pt"
     write_random(ckpt, ModelSpec("sim", 16, 8), seed=1)
-    ck = torch.load(ckpt, weights_only=False)
+    ck = torch.load(ckpt, weights_only=True)
     ck["config"] = {**ck.get("config", {}), "data": str(folder), "crop": 10_240}
     torch.save(ck, ckpt)
     with one_torch_thread():
