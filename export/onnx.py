@@ -49,7 +49,7 @@ from train.audio import (
     load_audio,
 )
 from train.checkpoint import CheckpointError, code_version, load_encoder
-from train.cli import int_at_least
+from train.cli import int_at_least, positive_float
 from train.model import Encoder, fold_batch_norm
 
 # Extra random utterance lengths streamed in verification: shorter than the first frame's 253
@@ -353,17 +353,6 @@ def false_positive_rate(text: str) -> float:
     return value
 
 
-def positive_seconds(text: str) -> float:
-    """An argparse type: a duration in seconds, > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not value > 0.0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export.onnx", description=__doc__.split("\n\n")[0],
@@ -375,7 +364,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decoders", metavar="DIR", help="directory of decoder_<level>.pt from python -m train.decoder")
     p.add_argument("--fpr", type=false_positive_rate, default=0.01,
                    help="false-positive rate of the OOD thresholds on windows of held-out words (default 0.01)")
-    p.add_argument("--ood-window", type=positive_seconds, default=calibration.WINDOW_SECONDS, metavar="SECONDS",
+    p.add_argument("--ood-window", type=positive_float, default=calibration.WINDOW_SECONDS, metavar="SECONDS",
                    help="OOD flags are decided on the mean per-frame score over this much audio, calibrated on "
                         "windows of held-out words (default %(default)s s; docs/reliability.md)")
     p.add_argument("--calibration-clips", type=int_at_least(2), default=400, metavar="N",

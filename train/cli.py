@@ -51,9 +51,9 @@ def non_negative_int_list(text: str) -> list[int]:
 
 
 def positive_float(text: str) -> float:
-    """An argparse type: a float > 0."""
+    """An argparse type: a finite float > 0."""
     value = _number(text, float)
-    if not value > 0:
+    if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
