@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from export.calibration import fit_gaussian, mahalanobis, score_stats
+from export.calibration import score_stats
 from export.graphs import EncoderGraph, ModuleGraph
 from export.onnx import main
 from export.streams import CHUNK_PLANS
@@ -21,6 +21,7 @@ from serve.scoring import p_value
 from support.exports import one_torch_thread, small_encoder, write_checkpoint, write_decoders
 from train.checkpoint import load_encoder
 from train.decoder import load_decoder
+from train.gaussian import fit_gaussian, mahalanobis
 
 GRAPHS = {"m1.onnx": "module", "m2.onnx": "module", "m3.onnx": "module", "ar.onnx": "module",
           "encoder.onnx": "encoder", "step.onnx": "step", "flush.onnx": "flush"}

@@ -7,6 +7,7 @@ import torch
 from train.corpus import load_corpus
 from train.curves import main as curves_main
 from train.curves import read_scalars, smooth
+from train.gaussian import fit_gaussian, ledoit_wolf, mahalanobis
 from train.model import Encoder, ModelSpec
 from train.ood import GaussianScore, auroc, format_tables, ood_separation, synthetic_signals
 
@@ -18,14 +19,19 @@ def test_auroc_counts_pairs_and_ties():
     assert auroc(np.array([2.0]), np.array([2.0])) == 0.5
 
 
-def test_gaussian_score_is_the_mahalanobis_distance():
+def test_gaussian_score_is_the_mahalanobis_distance_under_the_exported_estimator():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((500, 4)) @ rng.standard_normal((4, 4)) + 3.0
-    score = GaussianScore(torch.from_numpy(ref), ridge=0.0)
+    score = GaussianScore(torch.from_numpy(ref))
     x = rng.standard_normal((5, 4))
-    d = x - ref.mean(0)
-    expected = np.einsum("ni,ij,nj->n", d, np.linalg.inv(np.cov(ref.T)), d)
-    np.testing.assert_allclose(score(torch.from_numpy(x)).numpy(), expected, rtol=1e-8)
+    mean, cov, shrinkage = ledoit_wolf(ref)
+    assert 0.0 <= shrinkage < 0.1
+    d = x - mean
+    expected = np.einsum("ni,ij,nj->n", d, np.linalg.inv(cov), d)
+    np.testing.assert_allclose(score(torch.from_numpy(x)), expected, rtol=1e-4)
+    # the same numbers the export bakes into its graphs
+    m, w, _ = fit_gaussian(ref)
+    np.testing.assert_allclose(score(torch.from_numpy(x)), mahalanobis(x, m, w), rtol=1e-6)
 
 
 def test_synthetic_signals_have_the_stated_levels():

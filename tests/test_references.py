@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.calibration import ledoit_wolf
 from train.decoder import mel_filterbank
+from train.gaussian import ledoit_wolf
 
 
 @pytest.mark.parametrize("n, d", [(500, 16), (40, 64), (3, 5)])

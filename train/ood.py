@@ -8,8 +8,9 @@ training voices) from:
 
 Scores per level:
   kl    KL(N(mu, sigma^2) || N(0, I)) per frame, summed over channels (SIM levels only);
-  maha  squared Mahalanobis distance of mu under a Gaussian fitted on frames of training words
-        (every method; the score GIM and CPC are served with).
+  maha  squared Mahalanobis distance of mu under a Gaussian fitted on frames of training words, with
+        the estimator the export calibrates the served score with (train.gaussian: Ledoit-Wolf
+        shrinkage, floored eigenvalues); every method is served with it.
 The "all" row averages each level's utterance score after standardising it by the mean and std
 of the in-distribution reference (training words), so levels with large scores do not dominate.
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from train.audio import SAMPLE_RATE
+from train.gaussian import fit_gaussian, mahalanobis
 from train.model import Encoder, fold_batch_norm, kl_to_standard_normal
 
 CLIP_SAMPLES = 9_600  # 0.6 s, the length of a typical corpus word
@@ -63,18 +65,14 @@ def posterior_frames(encoder: Encoder, audio: np.ndarray, device) -> dict[str, d
 
 
 class GaussianScore:
-    """Squared Mahalanobis distance under a Gaussian fitted on reference frames (ridge-regularised)."""
+    """Squared Mahalanobis distance under a Gaussian fitted on reference frames: the estimator the
+    export calibrates the served `maha` score with (train.gaussian), so these AUROCs are the service's."""
 
-    def __init__(self, frames: torch.Tensor, ridge: float = 1e-3):
-        x = frames.double()
-        self.mean = x.mean(0)
-        cov = torch.cov((x - self.mean).T) if x.shape[0] > 1 else torch.eye(x.shape[1], dtype=x.dtype)
-        cov = cov + ridge * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[1], dtype=x.dtype)
-        self.precision = torch.linalg.inv(cov)
+    def __init__(self, frames: torch.Tensor):
+        self.mean, self.whitening, self.info = fit_gaussian(frames.double().numpy())
 
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        d = frames.double() - self.mean
-        return ((d @ self.precision) * d).sum(-1)
+    def __call__(self, frames: torch.Tensor) -> np.ndarray:
+        return mahalanobis(frames.double().numpy(), self.mean, self.whitening)
 
 
 def utterance_scores(frames: list[dict], gaussians: dict[str, GaussianScore]) -> dict[str, dict[str, np.ndarray]]:
