@@ -2,6 +2,7 @@
 size, runs as two "machines" on loopback, and ends with a clear error when a process dies.
 
 Every process is started with a timeout; the runs are tiny (16 clips, 32 channels, one thread each)."""
+import contextlib
 import os
 import signal
 import socket
@@ -104,47 +105,44 @@ def children(pid: int) -> list[int]:
     return kids
 
 
-def test_a_killed_process_ends_the_job_with_a_clear_error(small_corpus, tmp_path):
-    out = tmp_path / "killed"
-    log = (tmp_path / "job.log").open("w+")
+@contextlib.contextmanager
+def two_rank_job(small_corpus, tmp_path, wait_for: str):
+    """A 2-rank torchrun job of 500 epochs, yielded once OUT/wait_for exists (so both ranks are in the
+    training loop), with its run folder and log path; killed at the end if it is still running."""
+    out = tmp_path / "job"
+    log_path = tmp_path / "job.log"
     cmd = torchrun("--standalone", "--nproc-per-node", "2") + [
         *EXACT, "--corpus-dir", str(small_corpus), "--out", str(out), "--epochs", "500"]
-    job = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    with log_path.open("w") as log:
+        job = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + TIMEOUT
-        while not (out / "tb").exists() and time.time() < deadline and job.poll() is None:
-            time.sleep(0.1)  # rank 0 is training once its TensorBoard folder exists
-        workers = children(job.pid)
-        assert job.poll() is None and len(workers) == 2, Path(log.name).read_text()[-3000:]
-        os.kill(max(workers), signal.SIGKILL)
-        rc = job.wait(timeout=120)
+        while not (out / wait_for).exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.1)
+        assert job.poll() is None, log_path.read_text()[-3000:]
+        yield job, out, log_path
     finally:
         if job.poll() is None:
             job.kill()
             job.wait(timeout=30)
-    text = Path(log.name).read_text()
+
+
+def test_a_killed_process_ends_the_job_with_a_clear_error(small_corpus, tmp_path):
+    with two_rank_job(small_corpus, tmp_path, wait_for="tb") as (job, _, log):  # tb: rank 0 is training
+        workers = children(job.pid)
+        assert len(workers) == 2, log.read_text()[-3000:]
+        os.kill(max(workers), signal.SIGKILL)
+        rc = job.wait(timeout=120)
+    text = log.read_text()
     assert rc != 0
     assert "SIGKILL" in text and "train.sim FAILED" in text, text[-3000:]
 
 
 def test_sigterm_stops_every_rank_after_the_same_batch_and_rank_0_saves(small_corpus, tmp_path):
-    out = tmp_path / "stopped"
-    log = (tmp_path / "job.log").open("w+")
-    cmd = torchrun("--standalone", "--nproc-per-node", "2") + [
-        *EXACT, "--corpus-dir", str(small_corpus), "--out", str(out), "--epochs", "500"]
-    job = subprocess.Popen(cmd, cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + TIMEOUT
-        while not (out / "checkpoint.pt").exists() and time.time() < deadline and job.poll() is None:
-            time.sleep(0.1)  # an epoch is done: both ranks are in the training loop
-        assert job.poll() is None, Path(log.name).read_text()[-3000:]
+    with two_rank_job(small_corpus, tmp_path, wait_for="checkpoint.pt") as (job, out, log):  # an epoch is done
         job.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
         job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait(timeout=30)
-    text = Path(log.name).read_text()
+    text = log.read_text()
     assert text.count("interrupted: saved") == 2, text[-3000:]  # both ranks stopped cleanly, not killed
     saved = load(out / "checkpoint.pt")
     assert 1 <= saved["epoch"] < 500
