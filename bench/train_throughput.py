@@ -13,6 +13,10 @@ module, backward, Adam) on random clips, after warm-up steps.
   both alike; prints each round and the ratio's median, min and max, of wall-clock clips/s and of the
   process's CPU seconds per clip (the steadier of the two on a shared machine: other work slows the
   wall clock, much less the CPU time this process needs; with --threads 1 it counts no idle spinning).
+  --baseline lean compares against the lean step without options instead, to time one option alone
+  (e.g. --compare --baseline lean --compile).
+- --no-onednn: the new step runs with oneDNN (mkldnn) kernels switched off, so --compare --baseline lean
+  --no-onednn times torch's oneDNN convolutions against its native ones.
 - --profile: one profiled run of each step, then the operators that take the most time.
 """
 from __future__ import annotations
@@ -45,7 +49,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step: Step, clips: torch.Tensor, steps: int) -> tuple[float, float]:
+class WithoutOneDNN:
+    """A step run with torch's oneDNN (mkldnn) kernels switched off."""
+
+    def __init__(self, step: Step):
+        self.step = step
+
+    def __call__(self, clips: torch.Tensor):
+        with torch.backends.mkldnn.flags(enabled=False):
+            return self.step(clips)
+
+
+def timed(step, clips: torch.Tensor, steps: int) -> tuple[float, float]:
     """(clips per wall-clock second, process CPU seconds per clip) over `steps` steps."""
     sync(clips.device)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -56,17 +71,21 @@ def timed(step: Step, clips: torch.Tensor, steps: int) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
 
 
-def steps_to_run(a, device: torch.device) -> dict[str, Step]:
+def steps_to_run(a, device: torch.device) -> dict:
     new = StepOptions(autocast=a.autocast, compile=a.compile)
     fused = a.fused if a.fused is not None else device.type == "cuda"
     steps = {"new": build_step(a.method, a.channels, "lean", new, device, fused)}
+    if a.no_onednn:
+        steps["new"] = WithoutOneDNN(steps["new"])
     if a.compare or a.profile:
-        steps = {"old": build_step(a.method, a.channels, "reference", StepOptions(), device, False), **steps}
+        scoring = "reference" if a.baseline == "old" else "lean"
+        steps = {"old": build_step(a.method, a.channels, scoring, StepOptions(), device, False), **steps}
     return steps
 
 
 def compare(steps: dict[str, Step], clips: torch.Tensor, a) -> None:
-    print("| round | old clips/s | new clips/s | speed-up (wall) | old CPU s/clip | new CPU s/clip | speed-up (CPU) |\n"
+    base = "old" if a.baseline == "old" else "lean"
+    print(f"| round | {base} clips/s | new clips/s | speed-up (wall) | {base} CPU s/clip | new CPU s/clip | speed-up (CPU) |\n"
           "|---|---|---|---|---|---|---|")
     wall, cpu = [], []
     for r in range(a.rounds):
@@ -77,7 +96,7 @@ def compare(steps: dict[str, Step], clips: torch.Tensor, a) -> None:
         print(f"| {r + 1} | {m['old'][0]:.2f} | {m['new'][0]:.2f} | {wall[-1]:.3f} | {m['old'][1]:.3f} | "
               f"{m['new'][1]:.3f} | {cpu[-1]:.3f} |", flush=True)
     for what, ratios in (("wall clock", wall), ("CPU time", cpu)):
-        print(f"new / old speed ({what}) over {a.rounds} rounds: median {statistics.median(ratios):.3f}, "
+        print(f"new / {base} speed ({what}) over {a.rounds} rounds: median {statistics.median(ratios):.3f}, "
               f"min {min(ratios):.3f}, max {max(ratios):.3f}")
 
 
@@ -112,6 +131,10 @@ def main() -> None:
                    help="fused Adam in the new step (default: on CUDA)")
     p.add_argument("--compare", action="store_true", help="old and new step in turns, ratio with its spread")
     p.add_argument("--rounds", type=int, default=5, help="--compare: rounds of (old, new)")
+    p.add_argument("--baseline", choices=("old", "lean"), default="old",
+                   help="--compare/--profile: the step the new one is set against: old = reference InfoNCE "
+                        "scoring, lean = lean scoring without the options (times the options alone)")
+    p.add_argument("--no-onednn", action="store_true", help="the new step with oneDNN (mkldnn) kernels off")
     p.add_argument("--profile", action="store_true", help="where each step's time goes (torch.profiler)")
     p.add_argument("--top", type=int, default=15, help="--profile: operators shown")
     a = p.parse_args()
@@ -121,7 +144,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"# {a.method.upper()} training step, {a.channels} channels, torch {torch.__version__}, {name}; "
-          f"new step: lean InfoNCE, autocast {a.autocast}, compile {a.compile}")
+          f"new step: lean InfoNCE, autocast {a.autocast}, compile {a.compile}, oneDNN {not a.no_onednn}"
+          + (f"; baseline: {a.baseline}" if a.compare or a.profile else ""))
     steps = steps_to_run(a, device)
     if not (a.compare or a.profile):
         print("| batch | clips/s |\n|---|---|")
