@@ -85,8 +85,8 @@ def steps_to_run(a, device: torch.device) -> dict:
 
 def compare(steps: dict[str, Step], clips: torch.Tensor, a) -> None:
     base = "old" if a.baseline == "old" else "lean"
-    print(f"| round | {base} clips/s | new clips/s | speed-up (wall) | {base} CPU s/clip | new CPU s/clip | speed-up (CPU) |\n"
-          "|---|---|---|---|---|---|---|")
+    print(f"| round | {base} clips/s | new clips/s | speed-up (wall) | {base} CPU s/clip | new CPU s/clip "
+          "| speed-up (CPU) |\n|---|---|---|---|---|---|---|")
     wall, cpu = [], []
     for r in range(a.rounds):
         order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
