@@ -92,9 +92,10 @@ class InfoNCE(nn.Module):
         B, L, D = targets.shape
         W = min(L, self.window)
         window_ctx, window_tgt = context, targets
-        if L > W:
-            start = int(torch.randint(0, L - W + 1, (1,), generator=generator))
-            window_ctx, window_tgt = context[:, start:start + W], targets[:, start:start + W]
+        if L > W:  # the window's start stays a tensor: no host sync, and torch.compile needs no recompile per start
+            start = torch.randint(0, L - W + 1, (1,), device=targets.device, generator=generator)
+            positions = start + torch.arange(W, device=targets.device)
+            window_ctx, window_tgt = context.index_select(1, positions), targets.index_select(1, positions)
         K = min(self.steps, W - 1)
         if K < 1:
             raise ValueError(f"InfoNCE needs at least 2 frames, got {L}")

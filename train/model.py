@@ -133,11 +133,13 @@ class Encoder(nn.Module):
                 ctx = mu + noise_like(std, shard) * std
             else:
                 z = ctx = mu
+            # channels-last copies, not transposed views: torch.compile (2.13) cannot rebuild outputs that
+            # are transposed views of one another (GIM's z, context and mu share one tensor)
             out[name] = LevelOutput(
-                mu=mu.transpose(1, 2),
-                logvar=None if logvar is None else logvar.transpose(1, 2),
-                z=z.transpose(1, 2),
-                context=ctx.transpose(1, 2),
+                mu=channels_last(mu),
+                logvar=None if logvar is None else channels_last(logvar),
+                z=channels_last(z),
+                context=channels_last(ctx),
             )
             x = z.detach() if self.dims.greedy else z
         gru_in = out[next(reversed(out))].z
@@ -156,6 +158,11 @@ class Encoder(nn.Module):
             if o.logvar is not None:
                 res[f"kl_{name}"] = kl_to_standard_normal(o.mu, o.logvar)
         return res
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T) -> a contiguous (B, T, C)."""
+    return x.transpose(1, 2).contiguous()
 
 
 def noise_like(x: torch.Tensor, shard=None) -> torch.Tensor:

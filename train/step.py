@@ -3,7 +3,8 @@
 StepOptions (flags of `python -m train.sim`, measured in docs/benchmarks.md; off unless measured faster):
 - autocast "bf16": the forward pass and the loss under torch.autocast in bfloat16 (weights, gradients
   and Adam stay float32).
-- compile: torch.compile of the forward pass and loss (the first steps pay for the compilation).
+- compile: torch.compile of the forward pass and loss, static shapes (one graph per frame count: the
+  first steps pay for the compilation).
 The loss itself is train.loss.SimLoss with its lean scoring.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Step:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, options: StepOptions = StepOptions()):
         self.model, self.optimizer, self.options = model, optimizer, options
-        self.forward = torch.compile(model) if options.compile else model
+        self.forward = torch.compile(model, dynamic=False) if options.compile else model
 
     def __call__(self, clips: torch.Tensor, shard=None) -> dict[str, torch.Tensor]:
         dtype = AUTOCASTS[self.options.autocast]
