@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from export.scores import Mahalanobis
 from train.audio import conv_out_len
-from train.model import Encoder, fold_batch_norm, kl_to_standard_normal
+from train.model import Encoder, channels_last, fold_batch_norm, kl_to_standard_normal
 
 
 @torch.no_grad()
@@ -36,10 +36,12 @@ def offline_levels(encoder: Encoder, audio: np.ndarray, scorers: dict[str, Mahal
         mu = _conv(module.mu, h)
         logvar = _conv(module.logvar, h) if module.logvar is not None else None
         x = mu
-        out[f"mu_{level}"] = mu[0].T.numpy()
+        mu_t = channels_last(mu)[0]  # the encoder's own layout, so that its sums round alike
+        out[f"mu_{level}"] = mu_t.numpy()
         if logvar is not None:
-            out[f"logvar_{level}"] = logvar[0].T.numpy()
-            out[f"kl_{level}"] = kl_to_standard_normal(mu[0].T, logvar[0].T).numpy()
+            logvar_t = channels_last(logvar)[0]
+            out[f"logvar_{level}"] = logvar_t.numpy()
+            out[f"kl_{level}"] = kl_to_standard_normal(mu_t, logvar_t).numpy()
     top = torch.from_numpy(out[f"mu_{dims.levels[-2]}"]).unsqueeze(0)
     out["mu_ar"] = (encoder.gru(top)[0][0] if top.shape[1] else torch.zeros(0, dims.hidden)).numpy()
     if scorers is not None:
