@@ -84,7 +84,7 @@ def steps_to_run(a, device: torch.device) -> dict:
 
 
 def compare(steps: dict[str, Step], clips: torch.Tensor, a) -> None:
-    base = "old" if a.baseline == "old" else "lean"
+    base = a.baseline
     print(f"| round | {base} clips/s | new clips/s | speed-up (wall) | {base} CPU s/clip | new CPU s/clip "
           "| speed-up (CPU) |\n|---|---|---|---|---|---|---|")
     wall, cpu = [], []

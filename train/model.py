@@ -127,20 +127,19 @@ class Encoder(nn.Module):
         out: dict[str, LevelOutput] = {}
         for name, module in self.convs.items():
             mu, logvar = module(x)
+            # channels-last copies, not transposed views: torch.compile (2.13) cannot rebuild outputs that
+            # are transposed views of one another. Without a sample z and context are the mean itself,
+            # so its one copy serves all three.
+            mu_t = channels_last(mu)
             if sample and logvar is not None:
                 std = torch.exp(0.5 * logvar)
                 z = mu + noise_like(std, shard) * std
                 ctx = mu + noise_like(std, shard) * std
+                z_t, ctx_t = channels_last(z), channels_last(ctx)
             else:
-                z = ctx = mu
-            # channels-last copies, not transposed views: torch.compile (2.13) cannot rebuild outputs that
-            # are transposed views of one another (GIM's z, context and mu share one tensor)
-            out[name] = LevelOutput(
-                mu=channels_last(mu),
-                logvar=None if logvar is None else channels_last(logvar),
-                z=channels_last(z),
-                context=channels_last(ctx),
-            )
+                z, z_t, ctx_t = mu, mu_t, mu_t
+            out[name] = LevelOutput(mu=mu_t, logvar=None if logvar is None else channels_last(logvar), z=z_t,
+                                    context=ctx_t)
             x = z.detach() if self.dims.greedy else z
         gru_in = out[next(reversed(out))].z
         if self.dims.greedy:

@@ -69,10 +69,10 @@ class GaussianScore:
     export calibrates the served `maha` score with (train.gaussian), so these AUROCs are the service's."""
 
     def __init__(self, frames: torch.Tensor):
-        self.mean, self.whitening, self.info = fit_gaussian(frames.double().numpy())
+        self.mean, self.whitening, _ = fit_gaussian(frames.numpy())
 
     def __call__(self, frames: torch.Tensor) -> np.ndarray:
-        return mahalanobis(frames.double().numpy(), self.mean, self.whitening)
+        return mahalanobis(frames.numpy(), self.mean, self.whitening)
 
 
 def utterance_scores(frames: list[dict], gaussians: dict[str, GaussianScore]) -> dict[str, dict[str, np.ndarray]]:
