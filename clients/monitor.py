@@ -15,13 +15,15 @@ flagged frames of one level over the last --window seconds) and writes JSON-line
 
 Exports its own Prometheus counters with --metrics-port. With --once it processes the files
 given (and those already in --watch) and exits: 0 no alert, 1 at least one alert, 3 a source
-failed (and no alert), 2 a usage or connection error.
+failed (and no alert), 2 a usage or connection error. Without --once it runs until Ctrl-C or SIGTERM,
+then ends the microphone's stream with its end event and exits 0.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import signal
 import sys
 import threading
 import time
@@ -269,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (a service manager's stop) ends the monitor as Ctrl-C does. SIGINT gets the same handler
+    unless it was ignored when the process started (a shell's background job), as Python itself does."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -319,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         files += [p for p in audio_files(watch) if p not in files]
     pool = ThreadPoolExecutor(max_workers=args.parallel, thread_name_prefix="monitor")
     mic = None
+    stop_on_signals()
     try:
         for f in files:
             pool.submit(monitor.run_file, f)

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from clients.collector import flagged_stretches
-from clients.monitor import DirectoryWatcher, RollingRate
+from clients.monitor import DirectoryWatcher, RollingRate, stop_on_signals
 from clients.view import level_meter, ood_timeline, sparkline
 from serve.launch import ServerProcess, metric_value
 from support.serving import PY, ROOT, offline, wait_for
@@ -209,9 +209,9 @@ def test_monitor_watches_a_directory_and_exports_counters(server, files, tmp_pat
         assert metric_value(text, "sim_monitor_flagged_frames_total") == ev[-1]["flagged"]
         assert metric_value(text, "sim_monitor_sources_total", outcome="ok") == 1
     finally:
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=30)
-    assert rc == 0
+        proc.send_signal(signal.SIGTERM)  # a service manager's stop; Ctrl-C takes the same path (test_mic)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
 
 
 def test_clients_take_the_levels_from_the_served_model(exported, files, tmp_path):
@@ -232,6 +232,23 @@ def test_clients_take_the_levels_from_the_served_model(exported, files, tmp_path
         assert {"m3", "ar"} <= set(np.load(tmp_path / "cpc.npz").files) and "m1" not in np.load(tmp_path / "cpc.npz")
     finally:
         srv.close()
+
+
+def test_sigterm_and_ctrl_c_stop_the_monitor_unless_sigint_was_ignored():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        stop_on_signals()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(sig)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # started as a shell's background job
+        stop_on_signals()
+        signal.raise_signal(signal.SIGINT)  # still ignored: nothing raised
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_rolling_rate_crossings():

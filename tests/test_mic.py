@@ -195,7 +195,7 @@ def test_monitor_alerts_on_noise_heard_by_the_microphone(virtual_mic, server, tm
         subprocess.run(["paplay", "--device=vsink", str(wav)], env=virtual_mic, check=True, timeout=30)
         time.sleep(0.5)
     finally:
-        mon.send_signal(signal.SIGINT)
+        mon.send_signal(signal.SIGTERM)  # as Ctrl-C (SIGINT may be ignored in a background CI job)
         _, err = mon.communicate(timeout=30)
     assert mon.returncode == 0, err
     ev = [json.loads(line) for line in events.read_text().splitlines()]
