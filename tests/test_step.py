@@ -5,7 +5,7 @@ import torch
 
 from train.loss import SimLoss
 from train.model import Encoder, ModelSpec
-from train.step import Objective, Step, StepOptions
+from train.step import Objective, Step, StepOptions, native_bf16, resolve_autocast
 
 SPEC = ModelSpec("sim", channels=16, hidden=8, batch_norm=True)
 
@@ -55,3 +55,17 @@ def test_bf16_autocast_step_keeps_float32_weights_and_finite_losses():
 def test_unknown_autocast_is_refused():
     with pytest.raises(ValueError, match="autocast"):
         StepOptions(autocast="fp8")
+
+
+@pytest.mark.parametrize("amx, expected", [(True, "bf16"), (False, "off")])
+def test_auto_autocast_follows_the_cpus_bf16_units(monkeypatch, amx, expected):
+    """auto is bf16 only where the CPU multiplies bfloat16 in hardware (AMX); an explicit choice is kept."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) is amx
+    assert resolve_autocast("auto", cpu) == expected
+    assert resolve_autocast("off", cpu) == "off" and resolve_autocast("bf16", cpu) == "bf16"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: assume none
+    assert resolve_autocast("auto", cpu) == "off"
+    with pytest.raises(ValueError, match="autocast"):
+        resolve_autocast("fp16", cpu)

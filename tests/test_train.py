@@ -45,6 +45,15 @@ def test_short_training_run_lowers_the_loss(small_corpus, tmp_path):
     assert (tmp_path / "run" / "config.json").exists() and any((tmp_path / "run" / "tb").iterdir())
 
 
+def test_the_checkpoint_records_the_autocast_auto_chose(small_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    ckpt = train(parse_args(tiny_args(small_corpus, tmp_path / "run", "--autocast", "auto", "--epochs", "1")))
+    assert load(ckpt)["config"]["autocast"] == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    ckpt = train(parse_args(tiny_args(small_corpus, tmp_path / "run2", "--autocast", "auto", "--epochs", "1")))
+    assert load(ckpt)["config"]["autocast"] == "off"
+
+
 def test_batch_norm_is_on_by_default_and_can_be_turned_off(small_corpus, tmp_path):
     assert parse_args(tiny_args(small_corpus, tmp_path)).batch_norm is True
     assert parse_args(tiny_args(small_corpus, tmp_path, "--no-batch-norm")).batch_norm is False

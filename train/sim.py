@@ -35,7 +35,7 @@ from train.corpus import CorpusError
 from train.data import DataError
 from train.loss import SimLoss
 from train.model import METHODS, Encoder, ModelSpec
-from train.step import AUTOCASTS, Objective, Step, StepOptions
+from train.step import AUTOCASTS, Objective, Step, StepOptions, resolve_autocast
 
 # Config keys that define what a run trains; a resumed run keeps its checkpoint's values for them.
 RUN_DEFINING = ("method", "beta", "seed", "data", "crop", "channels", "hidden", "max_clips", "preset",
@@ -106,9 +106,10 @@ def build_parser(defaults: TrainConfig = CPU) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=d.threads,
                    help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--workers", type=non_negative_int, default=d.workers, help="data-loader worker processes")
-    p.add_argument("--autocast", choices=list(AUTOCASTS), default=d.autocast,
-                   help="run the forward pass and loss under torch.autocast in this dtype (docs/benchmarks.md: "
-                        "where it is faster)")
+    p.add_argument("--autocast", choices=["auto", *AUTOCASTS], default=d.autocast,
+                   help="run the forward pass and loss under torch.autocast in this dtype; weights, gradients and "
+                        "Adam stay float32. auto = bf16 on a CUDA GPU with bf16 and on a CPU with AMX units, where it "
+                        "is faster and trains as well (docs/benchmarks.md), off elsewhere")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
                    help="torch.compile the forward pass and loss (the first steps pay for the compilation)")
     p.add_argument("--module-parallel", action="store_true", default=d.module_parallel,
@@ -332,7 +333,7 @@ def build_run(cfg: TrainConfig, device: torch.device, resumed: dict | None, rank
 
         cfg = replace(cfg, corpus_dir=str(ensure_corpus(cfg.corpus_dir, seed=0)))
     train_ds, val_ds = build_datasets(cfg)
-    cfg = replace(cfg, epochs=cfg.epochs_for(len(train_ds)))
+    cfg = replace(cfg, epochs=cfg.epochs_for(len(train_ds)), autocast=resolve_autocast(cfg.autocast, device))
     dims = ModelSpec(cfg.method, cfg.channels, cfg.hidden, cfg.batch_norm)
     encoder = Encoder(dims).to(device)
     criterion = SimLoss(dims, beta=cfg.beta, negatives_from=cfg.negatives).to(device)
@@ -471,7 +472,9 @@ def train_module_parallel(cfg: TrainConfig, device: torch.device, rank: int, wor
         from train.corpus import ensure_corpus
 
         cfg = replace(cfg, corpus_dir=str(ensure_corpus(cfg.corpus_dir, seed=0)))
-    cfg = replace(cfg, out=str(cfg.run_dir))
+    if cfg.autocast == "bf16":
+        raise UsageError("--module-parallel trains in float32: --autocast bf16 is not available there")
+    cfg = replace(cfg, out=str(cfg.run_dir), autocast="off")
     torch.manual_seed(cfg.seed)
     train_ds, _ = build_datasets(cfg)
     cfg = replace(cfg, epochs=cfg.epochs_for(len(train_ds)))
@@ -510,7 +513,8 @@ def train_process(cfg: TrainConfig, device: torch.device, rank: int = 0, world: 
         writer = SummaryWriter(str(out / "tb"), purge_step=run.step or None)
         processes = f" x {world} processes" if world > 1 else ""
         print(f"training {cfg.method.upper()} on {device}{processes}: {len(run.train_ds)} clips x {cfg.epochs} "
-              f"epochs, batch {cfg.batch_size}, lr {cfg.lr}, beta {cfg.beta}; run folder {out}")
+              f"epochs, batch {cfg.batch_size}, lr {cfg.lr}, beta {cfg.beta}"
+              f"{', bf16 autocast' if cfg.autocast == 'bf16' else ''}; run folder {out}")
     run.encoder.train()
     try:
         with StopFlag() as stop:

@@ -2,7 +2,9 @@
 
 StepOptions (flags of `python -m train.sim`, measured in docs/benchmarks.md; off unless measured faster):
 - autocast "bf16": the forward pass and the loss under torch.autocast in bfloat16 (weights, gradients
-  and Adam stay float32).
+  and Adam stay float32). "auto" (the trainer's default) resolves to bf16 where the device multiplies
+  bfloat16 natively (a CUDA GPU with bf16, a CPU with AMX tiles) and to "off" elsewhere: emulated bf16
+  on a CPU without those units is several times slower than float32.
 - compile: torch.compile of the forward pass and loss, static shapes (one graph per frame count: the
   first steps pay for the compilation).
 The loss itself is train.loss.SimLoss with its lean scoring.
@@ -18,6 +20,27 @@ from train.loss import SimLoss
 from train.model import Encoder
 
 AUTOCASTS = {"off": None, "bf16": torch.bfloat16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bf16, or a CPU
+    with AMX tile units (Intel Sapphire Rapids and later), where oneDNN's bf16 GEMMs run several times
+    faster than float32 ones."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent means unknown
+        return bool(amx and amx())
+    return False
+
+
+def resolve_autocast(name: str, device: torch.device) -> str:
+    """The autocast a run uses: `name` itself, or for "auto" bf16 where `device` computes it natively."""
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "off"
+    if name not in AUTOCASTS:
+        raise ValueError(f"autocast must be auto or one of {tuple(AUTOCASTS)}, got {name!r}")
+    return name
 
 
 @dataclass(frozen=True)
