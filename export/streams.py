@@ -65,10 +65,12 @@ def encode_streams(model: StreamingModel, audios: Sequence[np.ndarray],
     streams = [model.create_stream() for _ in audios]
     chunks = [_chunk_iter(c) for c in chunk_sizes]
     pos = [0] * len(audios)
-    frames = [{level: [] for level in model.levels} for _ in audios]
+    frames = [{level: [model.empty_frames(level)] for level in model.levels} for _ in audios]  # a part per level
     audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
-    while not all(s.flushed for s in streams):
-        for i, s in enumerate(streams):
+    live = list(range(len(streams)))  # streams whose last frames have not been popped yet
+    while live:
+        for i in live:
+            s = streams[i]
             if s.finished:
                 continue
             if pos[i] < audios[i].size:
@@ -77,10 +79,13 @@ def encode_streams(model: StreamingModel, audios: Sequence[np.ndarray],
                 pos[i] += c
             if pos[i] >= audios[i].size:
                 s.input_finished()
-        model.decode_streams(streams)
-        for i, s in enumerate(streams):
-            for level, f in s.pop_frames().items():  # empty arrays too: every level gets a part
-                frames[i][level].append(f)
+        if not model.decode_streams([streams[i] for i in live]):
+            continue  # no graph ran: no stream has new frames (a one-sample chunk runs one 160 times out of 161)
+        for i in live:
+            for level, f in streams[i].pop_frames().items():
+                if f["index"].size:
+                    frames[i][level].append(f)
+        live = [i for i in live if not streams[i].flushed]
     return [_as_encoding(model.levels, f) for f in frames]
 
 

@@ -85,6 +85,7 @@ class StreamingModel(ModelInfo):
         self._step = make_session(self.dir / "step.onnx", intra_op_threads, spin)
         self._flush = make_session(self.dir / "flush.onnx", intra_op_threads, spin)
         self._pool = _StatePool(self.state_spec)
+        self._empty: dict[str, dict[str, np.ndarray]] = {}  # empty_frames, per level
         self.pad_batches = "CUDAExecutionProvider" in self._step.get_providers()  # see bucket()
 
     @property
@@ -96,13 +97,18 @@ class StreamingModel(ModelInfo):
         return Stream(self)
 
     def empty_frames(self, level: str) -> dict[str, np.ndarray]:
-        """pop_frames()'s arrays for a level without new frames."""
-        dim = self.level_dims[level]
-        frames = {"index": np.zeros(0, np.int64), "mu": np.zeros((0, dim), np.float32),
-                  "maha": np.zeros(0, np.float32)}
-        if level in self.logvar_levels:
-            frames.update(logvar=np.zeros((0, dim), np.float32), kl=np.zeros(0, np.float32))
-        return frames
+        """pop_frames()'s arrays for a level without new frames: read-only, made once per level (a server
+        asks for them for every idle stream on every batch)."""
+        if level not in self._empty:
+            dim = self.level_dims[level]
+            frames = {"index": np.zeros(0, np.int64), "mu": np.zeros((0, dim), np.float32),
+                      "maha": np.zeros(0, np.float32)}
+            if level in self.logvar_levels:
+                frames.update(logvar=np.zeros((0, dim), np.float32), kl=np.zeros(0, np.float32))
+            for a in frames.values():
+                a.flags.writeable = False
+            self._empty[level] = frames
+        return dict(self._empty[level])
 
     def decode_streams(self, streams: Iterable[Stream]) -> int:
         """Batched steps over every stream with a hop ready, repeated until none has one; then one
