@@ -16,6 +16,7 @@ from train.decoder import Decoder, load_decoder
 from train.interpolate import interpolate, pick_words
 from train.model import Encoder, ModelSpec
 from train.report import main
+from train.seeds import main as seeds_main
 from train.traverse import rank_dims, set_dims, sweep
 
 TINY = dict(channels=32, hidden=16)
@@ -71,6 +72,20 @@ def test_report_end_to_end(small_corpus, tmp_path):
                  "--traverse-dims", "1", "--interp-steps", "2", "--ood-words", "0", "--device", "cpu"]) == 0
     assert (sim / "decoders" / "decoder_m3.pt").stat().st_mtime_ns == stamp
     assert "random init" not in (tmp_path / "again" / "index.md").read_text()
+
+    # training seeds: the two reports' runs summarised per setting, mean ± std over runs
+    table = tmp_path / "seeds.md"
+    assert seeds_main(["--setting", f"both={out}", "--setting", f"sim again={tmp_path / 'again'}",
+                       "--out", str(table)]) == 0
+    text = table.read_text()
+    assert "| measure | both (n = 2) | sim again (n = 1) |" in text
+    summary = json.loads(table.with_suffix(".json").read_text())
+    vowel = [res["runs"][name]["probe"]["vowel"]["test"]["mean"] for name in ("sim", "gim")]
+    got = summary["vowel test, GRU"]["both"]
+    assert got["n"] == 2 and got["mean"] == pytest.approx(sum(vowel) / 2)
+    assert got["std"] == pytest.approx(abs(vowel[0] - vowel[1]) / 2 ** 0.5)
+    assert set(summary["OOD maha all: white noise"]) == {"both"}  # the second report skipped OOD
+    assert seeds_main(["--setting", f"x={tmp_path / 'nothing'}"]) == 2
 
 
 def test_report_user_errors(tmp_path, capsys):
