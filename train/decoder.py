@@ -39,6 +39,7 @@ from torch import nn
 
 from train.audio import CONV_LAYERS, CONV_LEVELS, SAMPLE_RATE, level_hops, level_layers
 from train.checkpoint import CheckpointError, load, save_atomic
+from train.step import native_bf16
 
 FORMAT = "sim-decoder/1"
 DECODER_LEVELS = CONV_LEVELS  # one decoder per conv module
@@ -190,7 +191,7 @@ def train_decoder(latents: torch.Tensor, audio: torch.Tensor, level: str, *, dim
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     device = torch.device(device)
-    amp = device.type == "cuda"  # bf16 autocast on a GPU; the loss is taken in float32
+    amp = native_bf16(device)  # bf16 autocast where it is native (GPU, AMX CPU); the loss is taken in float32
     dec = Decoder(level, latents.shape[-1], width).to(device)
     crit = ReconstructionLoss(loss).to(device)
     opt = torch.optim.Adam(dec.parameters(), lr=lr)
