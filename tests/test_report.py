@@ -36,7 +36,7 @@ def test_report_end_to_end(small_corpus, tmp_path):
     argv = ["--run", f"sim={sim}", "--run", f"gim={gim}", "--out", str(out), "--corpus", str(small_corpus),
             "--seeds", "2", "--probe-epochs", "3", "--decoder-epochs", "1", "--supervised-epochs", "1",
             "--pairs", "12", "--traverse-dims", "2", "--traverse-steps", "3", "--interp-steps", "3",
-            "--ood-words", "5", "--device", "cpu"]
+            "--ood-words", "5", "--decoder-lr", "1e-3", "--decoder-batch", "16", "--device", "cpu"]
     assert main(argv) == 0
     index = (out / "index.md").read_text()
     for heading in ("Classification (paper Table 2)", "Vowel concentration (paper Fig. 2)",
@@ -46,6 +46,7 @@ def test_report_end_to_end(small_corpus, tmp_path):
     assert "92.58 ± 2.06" in index and "83.32 ± 2.06" in index  # the paper's numbers beside ours
     assert re.search(r"\| random init \| \d", index) and re.search(r"\| supervised \(1 epochs\) \| \d", index)
     assert "| k=2 | k=4 | k=8 | k=16 | k=32 |" in index
+    assert "Decoders: 1 epochs (paper 200), Adam 0.001 (paper 2e-4), batch 16 (paper 64)" in index
     # every image the index links exists and is a PNG
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", index)
     assert {"concentration.png", "entanglement.png"} <= set(images) and len(images) == 6
@@ -63,6 +64,7 @@ def test_report_end_to_end(small_corpus, tmp_path):
         assert len(r["probe"]["vowel"]["test"]["runs"]) == 2
         assert len(r["probe"]["vowel"]["val"]["runs"]) == 2
         assert 0.0 <= r["ood"]["auroc"]["maha"]["all"]["white noise"] <= 1.0
+        assert (r["decoders"]["m1"]["lr"], r["decoders"]["m1"]["batch"]) == (1e-3, 16)  # trained as asked
     assert any("k = 8" in t for t in res["targets"])
     # decoders were trained into the run folders and are reused on the next call
     assert (sim / "decoders" / "decoder_m1.pt").is_file()

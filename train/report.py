@@ -82,7 +82,7 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def ensure_decoders(name, run_dir: Path, encoder, ckpt, train_utts, out: Path, *, epochs: int, loss: str,
-                    retrain: bool, device) -> dict:
+                    retrain: bool, device, lr: float = 2e-4, batch: int = 64) -> dict:
     """level -> decoder path: reuse RUN/decoders/decoder_<level>.pt, else train and save it there (or
     under OUT/<name>/decoders when the run folder is not writable)."""
     paths = {}
@@ -94,10 +94,11 @@ def ensure_decoders(name, run_dir: Path, encoder, ckpt, train_utts, out: Path, *
             log(f"{name}: training the {level} decoder ({epochs} epochs, {len(train_utts)} words)")
             try:
                 path = fit_and_save(encoder, ckpt["dims"], train_utts, level, run_dir / "decoders", epochs=epochs,
-                                    loss=loss, device=device, checkpoint=str(run_dir / "checkpoint.pt"))
+                                    loss=loss, lr=lr, batch=batch, device=device,
+                                    checkpoint=str(run_dir / "checkpoint.pt"))
             except OSError:
                 path = fit_and_save(encoder, ckpt["dims"], train_utts, level, out / name / "decoders",
-                                    epochs=epochs, loss=loss, device=device,
+                                    epochs=epochs, loss=loss, lr=lr, batch=batch, device=device,
                                     checkpoint=str(run_dir / "checkpoint.pt"))
         paths[level] = path
     return paths
@@ -131,8 +132,8 @@ def evaluate_run(name: str, run_dir: Path, data, splits: dict, out: Path, args, 
 
     run_out = out / name
     dec_paths = ensure_decoders(name, run_dir, encoder, ckpt, splits["decoder_train"], out,
-                                epochs=args.decoder_epochs, loss=args.decoder_loss,
-                                retrain=args.retrain_decoders, device=device)
+                                epochs=args.decoder_epochs, loss=args.decoder_loss, lr=args.decoder_lr,
+                                batch=args.decoder_batch, retrain=args.retrain_decoders, device=device)
     test = splits["test"]
     res["decoders"], res["entanglement"] = {}, {}
     pairs = sample_pairs(len(test), args.pairs, seed=0, groups=[u.voice for u in test]) if len(test) >= 2 else None
@@ -141,6 +142,8 @@ def evaluate_run(name: str, run_dir: Path, data, splits: dict, out: Path, args, 
         decoder.to(device)
         res["decoders"][level] = {
             "path": str(path), "epochs": meta["config"].get("epochs"), "loss": meta["config"].get("loss"),
+            "lr": meta["config"].get("lr"), "batch": meta["config"].get("batch"),
+            "train_words": meta["config"].get("train_items"),
             "final_train_loss": meta["history"][-1] if meta["history"] else None,
             "test_relative_mse": reconstruction_error(decoder, encoder, test[:args.recon_words], level, device),
             "wavs": [str(p.relative_to(out)) for p in write_reconstructions(
@@ -203,7 +206,8 @@ def write_index(out: Path, results: dict, command: str) -> Path:
          f"- Probes: Adam 1e-3, batch 64, {setup['probe_epochs']} epochs, {setup['seeds']} seeds "
          "(mean ± sample std). Probe train = train split; test = word-disjoint test split; "
          "test_voice = held-out voice.",
-         f"- Decoders: {setup['decoder_epochs']} epochs (paper 200), loss {setup['decoder_loss']}, trained on "
+         f"- Decoders: {setup['decoder_epochs']} epochs (paper 200), Adam {setup.get('decoder_lr', 2e-4):g} "
+         f"(paper 2e-4), batch {setup.get('decoder_batch', 64)} (paper 64), loss {setup['decoder_loss']}, trained on "
          f"{setup['decoder_train_words']} train words. Entanglement: up to {setup['pairs']} same-voice pairs "
          "of different test words.",
          f"- Supervised baseline: {setup['supervised_epochs']} epochs end to end (Adam 2e-4, batch 64).", "",
@@ -364,7 +368,15 @@ def _jsonable(obj):
 
 def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import CheckpointError, load, trained_corpus
-    from train.cli import add_device_arg, fail, int_at_least, non_negative_int, positive_int, select_device
+    from train.cli import (
+        add_device_arg,
+        fail,
+        int_at_least,
+        non_negative_int,
+        positive_float,
+        positive_int,
+        select_device,
+    )
     from train.corpus import find_corpus, load_split
     from train.model import ModelSpec
     from train.probe import ProbeData, random_init_baseline, supervised_baseline
@@ -383,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baselines", action="store_true", help="skip the random-init and supervised baselines")
     ap.add_argument("--decoder-epochs", type=positive_int, default=200, help="epochs for decoders that must be trained")
     ap.add_argument("--decoder-loss", choices=("mse", "mse+logmel"), default="mse", help="decoder loss")
+    ap.add_argument("--decoder-lr", type=positive_float, default=2e-4,
+                    help="Adam learning rate of decoders that must be trained (paper 2e-4; a CPU budget of a few "
+                         "epochs needs a larger one, docs/results.md)")
+    ap.add_argument("--decoder-batch", type=positive_int, default=64, help="decoder training batch (paper 64)")
     ap.add_argument("--decoder-words", type=positive_int, default=None,
                     help="train decoders on at most this many train-split words (default all)")
     ap.add_argument("--retrain-decoders", action="store_true", help="train decoders even if RUN/decoders has them")
@@ -435,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     results["targets"] = targets(results)
     results["setup"] = {**data.meta, "probe_epochs": args.probe_epochs, "seeds": args.seeds,
                         "decoder_epochs": args.decoder_epochs, "decoder_loss": args.decoder_loss,
+                        "decoder_lr": args.decoder_lr, "decoder_batch": args.decoder_batch,
                         "decoder_train_words": len(splits["decoder_train"]), "pairs": args.pairs,
                         "supervised_epochs": args.supervised_epochs, "device": str(device),
                         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": time.time() - t0}
