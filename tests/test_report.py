@@ -77,10 +77,10 @@ def test_report_end_to_end(small_corpus, tmp_path):
 
     # training seeds: the two reports' runs summarised per setting, mean ± std over runs
     table = tmp_path / "seeds.md"
-    assert seeds_main(["--setting", f"both={out}", "--setting", f"sim again={tmp_path / 'again'}",
+    assert seeds_main(["--setting", f"both={out}", "--setting", f"sim again, N = 1={tmp_path / 'again'}",
                        "--out", str(table)]) == 0
     text = table.read_text()
-    assert "| measure | both (n = 2) | sim again (n = 1) |" in text
+    assert "| measure | both (n = 2) | sim again, N = 1 (n = 1) |" in text
     summary = json.loads(table.with_suffix(".json").read_text())
     vowel = [res["runs"][name]["probe"]["vowel"]["test"]["mean"] for name in ("sim", "gim")]
     got = summary["vowel test, GRU"]["both"]

@@ -113,7 +113,7 @@ def to_markdown(table: dict[str, dict[str, dict]], settings: list[str], n_runs: 
 
 
 def parse_setting(text: str) -> tuple[str, list[Path]]:
-    label, sep, dirs = text.partition("=")
+    label, sep, dirs = text.rpartition("=")  # the last "=": a label may hold one ("N = 100")
     if not sep or not label.strip() or not dirs.strip():
         raise argparse.ArgumentTypeError(f"expected LABEL=REPORT_DIR[,REPORT_DIR...], got {text!r}")
     return label.strip(), [Path(d) for d in dirs.split(",") if d]
