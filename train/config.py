@@ -44,7 +44,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch (None: torch's choice)
     workers: int = 0  # data-loader worker processes
     # the step (train/step.py): how it runs, not what it trains
-    autocast: str = "off"  # "off" or "bf16"
+    autocast: str = "auto"  # "auto" (bf16 where native: train.step.native_bf16), "off" or "bf16"
     compile: bool = False  # torch.compile the forward pass and loss
     module_parallel: bool = False  # one torchrun process per greedy module, trained as a pipeline (train/pipeline.py)
 
@@ -62,11 +62,12 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
         """The config a checkpoint recorded. Keys added since an older run was saved take the value that
-        was the behaviour then: no KL warm-up, no BatchNorm, negatives from the prediction window, and
+        was the behaviour then: no KL warm-up, no BatchNorm, negatives from the prediction window, float32, and
         the clips seen of its preset."""
         names = {f.name for f in fields(cls)}
         base = PRESETS.get(saved.get("preset"), CPU)
-        before = {"negatives": "window", "batch_norm": False, "beta_warmup": 0}  # behaviour before the keys existed
+        before = {"negatives": "window", "batch_norm": False, "beta_warmup": 0,  # behaviour before the keys existed
+                  "autocast": "off"}
         return replace(base, **{**before, **{k: v for k, v in saved.items() if k in names}})
 
 

@@ -302,7 +302,8 @@ class Run:
 
 def resume_config(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, dict | None]:
     """With --resume: the checkpoint's configuration, with what a resumed run may change taken from `cfg`
-    (device, threads, workers, the step options and a longer --epochs), and the checkpoint itself. Without --resume: cfg
+    (device, threads, workers, the step options and a longer --epochs; --autocast auto keeps the
+    checkpoint's), and the checkpoint itself. Without --resume: cfg
     with its run folder filled in, and None."""
     out = cfg.run_dir
     if not cfg.resume:
@@ -317,8 +318,9 @@ def resume_config(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, 
         if asked != getattr(saved, key) and asked != getattr(CPU, key):
             print(f"warning: --{key.replace('_', '-')} {asked} differs from the checkpoint's "
                   f"{getattr(saved, key)}; using the checkpoint's", file=sys.stderr)
+    autocast = saved.autocast if cfg.autocast == "auto" else cfg.autocast  # auto: go on as it trained
     merged = replace(saved, resume=True, device=cfg.device, out=str(out), workers=cfg.workers, threads=cfg.threads,
-                     autocast=cfg.autocast, compile=cfg.compile,
+                     autocast=autocast, compile=cfg.compile,
                      epochs=cfg.epochs or saved.epochs)  # the one thing a resume may change: train for longer
     return merged, ckpt
 

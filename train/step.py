@@ -1,6 +1,6 @@
 """One optimiser step of the trainer, and the options that make it faster without changing what it trains.
 
-StepOptions (flags of `python -m train.sim`, measured in docs/benchmarks.md; off unless measured faster):
+StepOptions (flags of `python -m train.sim`, measured in docs/benchmarks.md; on only where measured faster):
 - autocast "bf16": the forward pass and the loss under torch.autocast in bfloat16 (weights, gradients
   and Adam stay float32). "auto" (the trainer's default) resolves to bf16 where the device multiplies
   bfloat16 natively (a CUDA GPU with bf16, a CPU with AMX tiles) and to "off" elsewhere: emulated bf16
