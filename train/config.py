@@ -44,7 +44,7 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch (None: torch's choice)
     workers: int = 0  # data-loader worker processes
     # the step (train/step.py): how it runs, not what it trains
-    autocast: str = "auto"  # "auto" (bf16 where native: train.step.native_bf16), "off" or "bf16"
+    autocast: str = "auto"  # "auto" (bf16 where native: train.cli.native_bf16), "off" or "bf16"
     compile: bool = False  # torch.compile the forward pass and loss
     module_parallel: bool = False  # one torchrun process per greedy module, trained as a pipeline (train/pipeline.py)
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from train.audio import CONV_LAYERS, CONV_LEVELS, SAMPLE_RATE, level_hops, level_layers
 from train.checkpoint import CheckpointError, load, save_atomic
-from train.step import native_bf16
+from train.cli import native_bf16
 
 FORMAT = "sim-decoder/1"
 DECODER_LEVELS = CONV_LEVELS  # one decoder per conv module

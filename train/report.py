@@ -92,14 +92,12 @@ def ensure_decoders(name, run_dir: Path, encoder, ckpt, train_utts, out: Path, *
             log(f"{name}: using {path}")
         else:
             log(f"{name}: training the {level} decoder ({epochs} epochs, {len(train_utts)} words)")
+            fit = dict(epochs=epochs, loss=loss, lr=lr, batch=batch, device=device,
+                       checkpoint=str(run_dir / "checkpoint.pt"))
             try:
-                path = fit_and_save(encoder, ckpt["dims"], train_utts, level, run_dir / "decoders", epochs=epochs,
-                                    loss=loss, lr=lr, batch=batch, device=device,
-                                    checkpoint=str(run_dir / "checkpoint.pt"))
+                path = fit_and_save(encoder, ckpt["dims"], train_utts, level, run_dir / "decoders", **fit)
             except OSError:
-                path = fit_and_save(encoder, ckpt["dims"], train_utts, level, out / name / "decoders",
-                                    epochs=epochs, loss=loss, lr=lr, batch=batch, device=device,
-                                    checkpoint=str(run_dir / "checkpoint.pt"))
+                path = fit_and_save(encoder, ckpt["dims"], train_utts, level, out / name / "decoders", **fit)
         paths[level] = path
     return paths
 

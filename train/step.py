@@ -16,22 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from train.cli import native_bf16
 from train.loss import SimLoss
 from train.model import Encoder
 
 AUTOCASTS = {"off": None, "bf16": torch.bfloat16}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bf16, or a CPU
-    with AMX tile units (Intel Sapphire Rapids and later), where oneDNN's bf16 GEMMs run several times
-    faster than float32 ones."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.x: absent means unknown
-        return bool(amx and amx())
-    return False
 
 
 def resolve_autocast(name: str, device: torch.device) -> str:
