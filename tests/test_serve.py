@@ -117,8 +117,7 @@ def test_frames_carry_index_scores_and_logvar_on_request(conn, model, speech):
                                                           return_logvar=True)))
     messages = [m for r in responses for m in r.frames]
     assert {m.level for m in messages} == {"m2", "ar"}
-    for r in responses:
-        assert len({m.level for m in r.frames}) == len(r.frames)  # one LevelFrames per level and response
+    for r in responses:  # a response may hold several ticks' frames (queued responses are merged)
         col.add(r)
     arrays = col.arrays()
     ref = offline(model[1], speech)
